@@ -1,0 +1,54 @@
+# Every workflow of the project. `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+ADDRESS ?= 127.0.0.1:8001
+REPOSITORY ?= examples/models
+
+.PHONY: help install run test test-gpu lint format proto models bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml client/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ./client -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv with the server, the client and every tool for tests and benchmarks
+
+run: install ## serve the bundled example models on $(ADDRESS) until Ctrl-C
+	$(BIN)/tensorgate serve --address $(ADDRESS) --repository $(REPOSITORY)
+
+test: install lint ## lint, then run the whole test suite (unit + integration)
+	$(BIN)/pytest
+
+test-gpu: install ## run the tests that need a real NVIDIA GPU
+	$(BIN)/pytest -m gpu tests/gpu
+
+lint: install ## ruff (lint + format check) and mypy strict
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy client/tensorgate server/tensorgate engines/tensorgate tests bench examples proto
+
+format: install ## apply ruff's fixes and formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+proto: install ## regenerate the committed stubs from proto/
+	$(BIN)/python proto/generate.py
+
+models: install ## build the benchmark models into bench/models (deterministic, not committed)
+	$(BIN)/python -m bench.models --out bench/models
+
+bench: install models ## run the benchmarks and write bench/results/
+	@command -v h2load >/dev/null || { apt-get update -qq && apt-get install -y -qq nghttp2-client; }
+	$(BIN)/python -m bench.serving --models bench/models --out bench/results
+
+clean: ## remove the virtual environment and build outputs
+	rm -rf $(VENV) build dist .mypy_cache .ruff_cache bench/models
