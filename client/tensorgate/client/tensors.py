@@ -154,6 +154,12 @@ def from_tensor(tensor: tensor_pb2.Tensor, *, max_elements: int | None = None) -
         )
     raw = tensor.raw
     if dtype == np.object_:
+        # Every element takes at least its 4-byte length: a larger count is a lie, found before allocating.
+        if count * 4 > len(raw):
+            raise TensorFormatError(
+                f"tensor {name!r}: shape {list(shape)} needs {count} BYTES elements, but {len(raw)} bytes of "
+                f"data cannot hold them"
+            )
         return decode_bytes_elements(raw, count, name).reshape(shape)
     expected = count * dtype.itemsize
     if len(raw) != expected:

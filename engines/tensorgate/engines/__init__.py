@@ -1,0 +1,15 @@
+"""Engines run whole batches of tensors: ONNX Runtime everywhere, TensorRT on NVIDIA GPUs."""
+
+from tensorgate.engines.base import Engine, EngineError, EngineSettings, TensorSpec
+from tensorgate.engines.registry import create_engine, register_engine, registered_platforms, registration
+
+__all__ = [
+    "Engine",
+    "EngineError",
+    "EngineSettings",
+    "TensorSpec",
+    "create_engine",
+    "register_engine",
+    "registered_platforms",
+    "registration",
+]

@@ -1,0 +1,1 @@
+"""Benchmarks for tensorgate: model generation (``python -m bench.models``) and load drivers."""

@@ -1,0 +1,105 @@
+"""The one map from the server's exceptions to gRPC status codes.
+
+Handlers raise `TensorgateError`s; this interceptor turns each into its status code and message. Anything
+else is a bug: it is logged with its traceback and the caller gets INTERNAL, and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, cast
+
+import grpc
+
+from tensorgate.server.errors import TensorgateError
+
+__all__ = ["ErrorInterceptor"]
+
+log = logging.getLogger(__name__)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+async def _abort(context: Context, exc: Exception) -> None:
+    if isinstance(exc, TensorgateError):
+        await context.abort(grpc.StatusCode[exc.code], str(exc))
+    log.exception("unexpected error in a handler", exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def _wrap_unary(behavior: Callable[[Any, Context], Awaitable[Any]]) -> Callable[[Any, Context], Awaitable[Any]]:
+    async def unary(request: Any, context: Context) -> Any:
+        try:
+            return await behavior(request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort(context, exc)
+            raise  # not reached: abort raises
+
+    return unary
+
+
+def _wrap_stream(
+    behavior: Callable[[Any, Context], AsyncIterator[Any]],
+) -> Callable[[Any, Context], AsyncIterator[Any]]:
+    async def stream(requests: Any, context: Context) -> AsyncIterator[Any]:
+        try:
+            async for response in behavior(requests, context):
+                yield response
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort(context, exc)
+
+    return stream
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Maps TensorgateError to its status code for methods under `prefixes` (our own services).
+
+    Wrapped handlers are cached per method, so this must be the innermost interceptor: a cached call does not
+    call `continuation` again.
+    """
+
+    def __init__(self, prefixes: tuple[str, ...] = ("/tensorgate.",)) -> None:
+        self._prefixes = prefixes
+        self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        method: str = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None:
+            return cached
+        handler = await continuation(handler_call_details)
+        if handler is None or not method.startswith(self._prefixes):
+            return handler
+        wrapped = self._wrap(handler)
+        self._wrapped[method] = wrapped
+        return wrapped
+
+    @staticmethod
+    def _wrap(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+        deserialize, serialize = handler.request_deserializer, handler.response_serializer
+        # grpc-stubs types behaviours as sync callables; on a grpc.aio server they are coroutines and async
+        # generators, which is what the wrappers take.
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(cast(Any, handler.unary_unary)), request_deserializer=deserialize, response_serializer=serialize
+            )
+        if handler.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(
+                _wrap_stream(cast(Any, handler.stream_stream)),
+                request_deserializer=deserialize,
+                response_serializer=serialize,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(cast(Any, handler.unary_stream)), request_deserializer=deserialize, response_serializer=serialize
+            )
+        return handler

@@ -1,0 +1,117 @@
+"""The grpc.aio server: our services, health, reflection, and a clean drain on stop."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # stubs predate aio
+from grpc_reflection.v1alpha import reflection
+
+from tensorgate.server.api.codec import RequestIds
+from tensorgate.server.api.interceptors import ErrorInterceptor
+from tensorgate.server.api.models import ModelsServicer
+from tensorgate.server.api.predict import PredictServicer
+from tensorgate.server.api.stream import StreamServicer
+from tensorgate.server.inference import InferenceService
+from tensorgate.server.repository import Repository, RepositorySettings
+from tensorgate.server.settings import ServerSettings
+from tensorgate.v1 import models_pb2, models_pb2_grpc, predict_pb2, predict_pb2_grpc, stream_pb2, stream_pb2_grpc
+
+__all__ = ["Server"]
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    predict_pb2.DESCRIPTOR.services_by_name["Predict"].full_name,
+    stream_pb2.DESCRIPTOR.services_by_name["Stream"].full_name,
+    models_pb2.DESCRIPTOR.services_by_name["Models"].full_name,
+)
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"address {address!r} is not HOST:PORT")
+    return host, int(port)
+
+
+class Server:
+    """tensorgate's gRPC server over one model repository.
+
+    `start()` loads every model, binds the address and starts serving; `stop()` drains: health turns
+    NOT_SERVING, new calls get UNAVAILABLE, in-flight calls get `grace` seconds to finish.
+    """
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.repository = Repository(
+            settings.repository,
+            RepositorySettings(
+                max_queue_size=settings.max_queue_size,
+                default_max_batch_size=settings.default_max_batch_size,
+                intra_op_threads=settings.intra_op_threads,
+            ),
+        )
+        self.health = health_aio.HealthServicer()
+        self.address = ""
+        self._server: grpc.aio.Server | None = None
+
+    async def start(self) -> str:
+        """Load the repository, bind, start serving; return the bound HOST:PORT (the real port for port 0)."""
+        host, _ = _split_address(self.settings.address)
+        await self.repository.load()
+        limit = self.settings.max_message_bytes
+        server = grpc.aio.server(
+            # Innermost last: the error interceptor caches handlers (see its docstring).
+            interceptors=[ErrorInterceptor()],
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                # A stale server on the same port must not silently share our traffic (FACTS.md).
+                ("grpc.so_reuseport", 0),
+            ],
+            maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs or None,
+        )
+        service = InferenceService(self.repository)
+        request_ids = RequestIds()
+        predict_pb2_grpc.add_PredictServicer_to_server(PredictServicer(service, request_ids), server)
+        stream_pb2_grpc.add_StreamServicer_to_server(StreamServicer(service, request_ids), server)
+        models_pb2_grpc.add_ModelsServicer_to_server(ModelsServicer(self.repository), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server,
+        )
+        port = server.add_insecure_port(self.settings.address)
+        if port == 0:
+            raise OSError(f"cannot listen on {self.settings.address}")
+        await server.start()
+        self._server = server
+        self.address = f"{host}:{port}"
+        await self._publish_health()
+        return self.address
+
+    async def _publish_health(self) -> None:
+        serving = health_pb2.HealthCheckResponse.SERVING
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set("", serving)
+        for name in SERVICE_NAMES:
+            await self.health.set(name, serving)
+        for entry in self.repository.models():
+            await self.health.set(entry.name, serving if entry.ready else not_serving)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain and stop: NOT_SERVING, refuse new calls, let in-flight ones finish within `grace` seconds."""
+        grace = self.settings.grace_period if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace)
+        await self.repository.close(drain=True)
+        log.info("stopped")
+
+    async def wait_for_termination(self) -> None:
+        """Return when the server has stopped."""
+        if self._server is not None:
+            await self._server.wait_for_termination()

@@ -1,0 +1,77 @@
+"""Server settings: command-line flags over TENSORGATE_* environment variables over a TOML file over defaults."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ENV_PREFIX", "ServerSettings"]
+
+ENV_PREFIX = "TENSORGATE_"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    """Everything the server can be told. Each field is also `--flag-name` and `TENSORGATE_FIELD_NAME`."""
+
+    #: HOST:PORT to listen on; port 0 picks a free port (the chosen address is printed).
+    address: str = "127.0.0.1:8001"
+    #: The model repository (Triton layout: <repo>/<model>/[config.pbtxt] and <repo>/<model>/<version>/).
+    repository: Path = Path("models")
+    #: Seconds in-flight calls get to finish after SIGTERM before they are cancelled.
+    grace_period: float = 30.0
+    #: Largest request or response message, in bytes; a larger one is refused with RESOURCE_EXHAUSTED.
+    max_message_bytes: int = 64 * 1024 * 1024
+    #: Queue bound for models whose config leaves max_queue_size at 0 (the queue is always bounded).
+    max_queue_size: int = 1024
+    #: max_batch_size given to models that have no config.pbtxt but a variable first dimension.
+    default_max_batch_size: int = 64
+    #: Threads each ONNX Runtime instance may use for one operator; 0 lets ONNX Runtime choose.
+    intra_op_threads: int = 0
+    #: Calls served at once; the excess is refused with RESOURCE_EXHAUSTED. 0 means no limit.
+    max_concurrent_rpcs: int = 0
+    #: Python logging level name.
+    log_level: str = "INFO"
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        """Every setting's name."""
+        return [f.name for f in fields(cls)]
+
+    def with_values(self, values: Mapping[str, Any]) -> ServerSettings:
+        """A copy with `values` (by field name, strings or typed) applied, each converted to the field's type."""
+        converted: dict[str, Any] = {}
+        defaults = ServerSettings()
+        for name, value in values.items():
+            if name not in self.field_names():
+                raise ValueError(f"unknown setting {name!r} (known: {', '.join(self.field_names())})")
+            kind = type(getattr(defaults, name))
+            try:
+                converted[name] = kind(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"setting {name!r}: {value!r} is not a valid {kind.__name__}") from None
+        return replace(self, **converted)
+
+    @classmethod
+    def from_sources(
+        cls,
+        flags: Mapping[str, Any],
+        *,
+        environ: Mapping[str, str] | None = None,
+        config_file: Path | None = None,
+    ) -> ServerSettings:
+        """Defaults, then the TOML file, then TENSORGATE_* variables, then the flags that were given."""
+        settings = cls()
+        if config_file is not None:
+            with config_file.open("rb") as handle:
+                settings = settings.with_values(tomllib.load(handle))
+        env = os.environ if environ is None else environ
+        from_env = {
+            name: env[ENV_PREFIX + name.upper()] for name in cls.field_names() if ENV_PREFIX + name.upper() in env
+        }
+        settings = settings.with_values(from_env)
+        return settings.with_values({name: value for name, value in flags.items() if value is not None})
