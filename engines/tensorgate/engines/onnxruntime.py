@@ -146,9 +146,7 @@ class OnnxRuntimeEngine:
                 batch[spec.name] = np.full(batch[spec.name].shape, "", dtype=np.object_)
         await asyncio.gather(*(self.infer(batch, instance=i) for i in range(self.instance_count)))
 
-    def _run(
-        self, instance: int, inputs: Arrays, outputs: Sequence[str] | None
-    ) -> dict[str, npt.NDArray[Any]]:
+    def _run(self, instance: int, inputs: Arrays, outputs: Sequence[str] | None) -> dict[str, npt.NDArray[Any]]:
         feed = {name: _to_ort(value) for name, value in inputs.items()}
         names = list(outputs) if outputs is not None else [spec.name for spec in self._outputs]
         results = self._sessions[instance].run(names, feed)

@@ -17,8 +17,8 @@ __all__ = [
     "create_engine",
     "platform_for_backend",
     "register_engine",
-    "registration",
     "registered_platforms",
+    "registration",
 ]
 
 

@@ -17,7 +17,14 @@ from tensorgate.server.api.stream import StreamServicer
 from tensorgate.server.inference import InferenceService
 from tensorgate.server.repository import Repository, RepositorySettings
 from tensorgate.server.settings import ServerSettings
-from tensorgate.v1 import models_pb2, models_pb2_grpc, predict_pb2, predict_pb2_grpc, stream_pb2, stream_pb2_grpc
+from tensorgate.v1 import (
+    models_pb2,
+    models_pb2_grpc,
+    predict_pb2,
+    predict_pb2_grpc,
+    stream_pb2,
+    stream_pb2_grpc,
+)
 
 __all__ = ["Server"]
 
@@ -81,7 +88,11 @@ class Server:
         models_pb2_grpc.add_ModelsServicer_to_server(ModelsServicer(self.repository), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (
+                *SERVICE_NAMES,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
             server,
         )
         port = server.add_insecure_port(self.settings.address)

@@ -57,10 +57,14 @@ class InferenceService:
         target = self.repository.resolve(request.model, request.version)
         signature, batcher = target.signature, target.batcher
         # A ready version always has both; the check keeps the types honest.
-        assert signature is not None and batcher is not None
+        assert signature is not None
+        assert batcher is not None
         signature.check_request(request.inputs, request.outputs)
         outputs = await batcher.submit(
-            request.inputs, deadline=request.deadline, priority=request.priority, request_id=request.request_id
+            request.inputs,
+            deadline=request.deadline,
+            priority=request.priority,
+            request_id=request.request_id,
         )
         if request.outputs:
             outputs = {name: outputs[name] for name in request.outputs}

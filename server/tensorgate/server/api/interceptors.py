@@ -28,7 +28,9 @@ async def _abort(context: Context, exc: Exception) -> None:
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
 
 
-def _wrap_unary(behavior: Callable[[Any, Context], Awaitable[Any]]) -> Callable[[Any, Context], Awaitable[Any]]:
+def _wrap_unary(
+    behavior: Callable[[Any, Context], Awaitable[Any]],
+) -> Callable[[Any, Context], Awaitable[Any]]:
     async def unary(request: Any, context: Context) -> Any:
         try:
             return await behavior(request, context)
@@ -90,7 +92,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         # generators, which is what the wrappers take.
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(cast(Any, handler.unary_unary)), request_deserializer=deserialize, response_serializer=serialize
+                _wrap_unary(cast(Any, handler.unary_unary)),
+                request_deserializer=deserialize,
+                response_serializer=serialize,
             )
         if handler.stream_stream is not None:
             return grpc.stream_stream_rpc_method_handler(
@@ -100,6 +104,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(cast(Any, handler.unary_stream)), request_deserializer=deserialize, response_serializer=serialize
+                _wrap_stream(cast(Any, handler.unary_stream)),
+                request_deserializer=deserialize,
+                response_serializer=serialize,
             )
         return handler

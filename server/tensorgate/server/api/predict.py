@@ -6,7 +6,13 @@ from typing import Any
 
 import grpc
 
-from tensorgate.server.api.codec import RequestIds, deadline_from, decode_inputs, encode_outputs, requested_outputs
+from tensorgate.server.api.codec import (
+    RequestIds,
+    deadline_from,
+    decode_inputs,
+    encode_outputs,
+    requested_outputs,
+)
 from tensorgate.server.inference import InferenceRequest, InferenceService
 from tensorgate.v1 import predict_pb2, predict_pb2_grpc
 

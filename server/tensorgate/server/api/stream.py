@@ -18,7 +18,13 @@ from typing import Any
 
 import grpc
 
-from tensorgate.server.api.codec import RequestIds, decode_inputs, deadline_from, encode_outputs, status_number
+from tensorgate.server.api.codec import (
+    RequestIds,
+    deadline_from,
+    decode_inputs,
+    encode_outputs,
+    status_number,
+)
 from tensorgate.server.errors import InvalidInputError, TensorgateError
 from tensorgate.server.inference import InferenceRequest, InferenceService
 from tensorgate.v1 import stream_pb2, stream_pb2_grpc

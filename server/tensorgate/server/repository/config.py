@@ -45,8 +45,12 @@ def read_config(model_dir: Path) -> ModelConfig:
     if path.is_file():
         try:
             text_format.Parse(path.read_text(encoding="utf-8"), config)
-        except (text_format.ParseError, UnicodeDecodeError) as exc:
-            raise ModelConfigError(f"{path}: {exc}") from None
+        except text_format.ParseError as exc:
+            # Compiler-style "file:line:column: problem", which editors and terminals link to.
+            problem = str(exc).split(" : ", 1)[-1]
+            raise ModelConfigError(f"{path}:{exc.GetLine()}:{exc.GetColumn()}: {problem}") from None
+        except UnicodeDecodeError as exc:
+            raise ModelConfigError(f"{path}: not UTF-8 text: {exc}") from None
     if not config.name:
         config.name = model_dir.name
     _check_values(config, path, model_dir.name)
@@ -124,9 +128,7 @@ class ModelSignature:
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_names", frozenset(spec.name for spec in self.inputs))
 
-    def check_request(
-        self, inputs: Mapping[str, npt.NDArray[Any]], outputs: Sequence[str] | None = None
-    ) -> None:
+    def check_request(self, inputs: Mapping[str, npt.NDArray[Any]], outputs: Sequence[str] | None = None) -> None:
         """Raise InvalidInputError naming the tensor when the request does not fit this signature."""
         rows: int | None = None
         for spec in self.inputs:
@@ -137,8 +139,7 @@ class ModelSignature:
                 raise InvalidInputError(f"missing input {spec.name!r} (the model takes {self._input_names()})")
             if array.dtype != spec.dtype:
                 raise InvalidInputError(
-                    f"input {spec.name!r} has dtype {dtype_name(array.dtype)}, the model takes "
-                    f"{dtype_name(spec.dtype)}"
+                    f"input {spec.name!r} has dtype {dtype_name(array.dtype)}, the model takes {dtype_name(spec.dtype)}"
                 )
             if array.ndim != len(spec.shape) or any(
                 want >= 0 and have != want for have, want in zip(array.shape, spec.shape, strict=False)
@@ -167,9 +168,7 @@ class ModelSignature:
             known = {spec.name for spec in self.outputs}
             for name in outputs:
                 if name not in known:
-                    raise InvalidInputError(
-                        f"unknown output {name!r} (the model gives {', '.join(sorted(known))})"
-                    )
+                    raise InvalidInputError(f"unknown output {name!r} (the model gives {', '.join(sorted(known))})")
 
     def _input_names(self) -> str:
         return ", ".join(spec.name for spec in self.inputs)
@@ -201,9 +200,7 @@ def _reconcile_tensors(
     for tensor in configured:
         spec = by_name.get(tensor.name)
         if spec is None:
-            raise ModelConfigError(
-                f"{where}: {kind} {tensor.name!r} is not in the model (it has {', '.join(by_name)})"
-            )
+            raise ModelConfigError(f"{where}: {kind} {tensor.name!r} is not in the model (it has {', '.join(by_name)})")
         dtype = config_dtype(tensor.data_type)
         if dtype != spec.dtype:
             raise ModelConfigError(
@@ -259,8 +256,6 @@ def reconcile(
             completed.input.add(name=spec.name, data_type=_config_data_type(spec.dtype), dims=spec.shape[batch_dims:])
     if not config.output:
         for spec in outputs:
-            completed.output.add(
-                name=spec.name, data_type=_config_data_type(spec.dtype), dims=spec.shape[batch_dims:]
-            )
+            completed.output.add(name=spec.name, data_type=_config_data_type(spec.dtype), dims=spec.shape[batch_dims:])
     optional = frozenset(tensor.name for tensor in config.input if tensor.optional)
     return ModelSignature(completed.max_batch_size, inputs, outputs, optional), completed

@@ -22,7 +22,13 @@ from tensorgate.engines import Engine, EngineError, EngineSettings, create_engin
 from tensorgate.engines.registry import platform_for_backend, registered_platforms
 from tensorgate.server.batching.batcher import Batcher, BatcherSettings
 from tensorgate.server.errors import ModelConfigError, ModelNotFoundError, UnavailableError
-from tensorgate.server.repository.config import CONFIG_FILENAME, ModelConfig, ModelSignature, read_config, reconcile
+from tensorgate.server.repository.config import (
+    CONFIG_FILENAME,
+    ModelConfig,
+    ModelSignature,
+    read_config,
+    reconcile,
+)
 
 __all__ = ["ModelEntry", "ModelVersion", "Repository", "RepositorySettings", "VersionState"]
 
@@ -224,7 +230,12 @@ class Repository:
             version.state, version.reason = VersionState.FAILED, str(exc)
             log.error("model %s version %d failed to load: %s", entry.name, number, exc)
             return version
-        version.config, version.signature, version.engine, version.batcher = completed, signature, engine, batcher
+        version.config, version.signature, version.engine, version.batcher = (
+            completed,
+            signature,
+            engine,
+            batcher,
+        )
         version.state = VersionState.READY
         log.info("model %s version %d ready on %s", entry.name, number, engine.description)
         return version
@@ -270,4 +281,3 @@ class Repository:
             version.state = VersionState.UNLOADING
         await asyncio.gather(*(v.batcher.stop(drain=drain) for v in versions if v.batcher is not None))
         await asyncio.gather(*(v.engine.close() for v in versions if v.engine is not None))
-

@@ -1,0 +1,16 @@
+"""Markers by folder: tests/unit -> unit, tests/integration -> integration, tests/gpu -> gpu."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+_TESTS = Path(__file__).parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        folder = Path(item.path).relative_to(_TESTS).parts[0]
+        if folder in ("unit", "integration", "gpu"):
+            item.add_marker(getattr(pytest.mark, folder))
