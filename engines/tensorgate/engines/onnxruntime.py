@@ -7,6 +7,7 @@ parallel (ONNX Runtime releases the GIL inside `run`) and the event loop never b
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import functools
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +40,10 @@ _ORT_DTYPES: dict[str, np.dtype[Any]] = {
     "tensor(string)": np.dtype(np.object_),
 }
 
+_BF16 = np.dtype(ml_dtypes.bfloat16)
+# ONNX's TensorProto.BFLOAT16, without importing onnx at run time.
+_ONNX_BFLOAT16 = 16
+
 # Most capable first; only those this onnxruntime build has are used.
 _PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
@@ -69,6 +74,7 @@ class OnnxRuntimeEngine:
         self._inputs: tuple[TensorSpec, ...] = ()
         self._outputs: tuple[TensorSpec, ...] = ()
         self._providers: list[str] = []
+        self._uses_bf16 = False
 
     @property
     def inputs(self) -> Sequence[TensorSpec]:
@@ -134,6 +140,7 @@ class OnnxRuntimeEngine:
             await self.close()
             raise EngineError(f"{path}: {exc}") from exc
         self._providers = list(first.get_providers())
+        self._uses_bf16 = any(spec.dtype == _BF16 for spec in (*self._inputs, *self._outputs))
 
     async def warmup(self) -> None:
         """Run every instance once on zeros, variable dimensions set to 1."""
@@ -149,7 +156,10 @@ class OnnxRuntimeEngine:
     def _run(self, instance: int, inputs: Arrays, outputs: Sequence[str] | None) -> dict[str, npt.NDArray[Any]]:
         feed = {name: _to_ort(value) for name, value in inputs.items()}
         names = list(outputs) if outputs is not None else [spec.name for spec in self._outputs]
-        results = self._sessions[instance].run(names, feed)
+        session = self._sessions[instance]
+        if self._uses_bf16:
+            return dict(zip(names, _run_bf16(session, names, feed), strict=True))
+        results = session.run(names, feed)
         return {name: _from_ort(value) for name, value in zip(names, results, strict=True)}
 
     async def infer(
@@ -194,3 +204,21 @@ def _from_ort(value: Any) -> npt.NDArray[Any]:
     if array.dtype.kind in "UO":
         return _map_objects(array, lambda item: item.encode() if isinstance(item, str) else item)
     return array
+
+
+def _run_bf16(session: ort.InferenceSession, names: list[str], feed: dict[str, npt.NDArray[Any]]) -> list[Any]:
+    """Run through OrtValues: ONNX Runtime's numpy binding has no bfloat16, so BF16 crosses as raw 16-bit words."""
+    values = {
+        name: ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(np.uint16), _ONNX_BFLOAT16)
+        if array.dtype == _BF16
+        else ort.OrtValue.ortvalue_from_numpy(array)
+        for name, array in feed.items()
+    }
+    results: list[Any] = []
+    for value in session.run_with_ort_values(names, values):
+        if value.data_type() == "tensor(bfloat16)":
+            raw = ctypes.string_at(value.data_ptr(), value.tensor_size_in_bytes())
+            results.append(np.frombuffer(raw, dtype=_BF16).reshape(value.shape()))
+        else:
+            results.append(_from_ort(value.numpy()))
+    return results
