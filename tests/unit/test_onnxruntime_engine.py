@@ -81,7 +81,7 @@ async def test_each_instance_runs_on_its_own_thread(tmp_path: Path) -> None:
             seen[_index] = threading.current_thread().name
             return _run(*args)
 
-        session.run = recording  # type: ignore[method-assign]
+        session.run = recording
     x = {"x": np.ones((1, 2), np.float32)}
     await asyncio.gather(*(engine.infer(x, instance=i) for i in range(3)))
     await engine.close()

@@ -1,0 +1,50 @@
+"""The tensorgate client: `Client` (blocking) and `AsyncClient` (asyncio) with the same methods.
+
+    from tensorgate.client import Client
+
+    with Client("127.0.0.1:8001", timeout=10) as client:
+        outputs = client.predict("digits", {"image": images})      # {"probabilities": ..., "label": ...}
+        for result in client.stream("digits", ({"image": frame} for frame in camera)):
+            print(result.sequence, result.outputs if result.ok else result.error)
+
+Failed calls raise the exceptions of `tensorgate.client.errors` (root: `TensorgateClientError`), which keep
+the gRPC status code and the server's message. Arrays travel with `tensorgate.client.tensors`.
+"""
+
+from tensorgate.client._async import AsyncClient
+from tensorgate.client._common import (
+    DEFAULT_CHANNEL_OPTIONS,
+    FrameError,
+    ModelInfo,
+    ModelMetadata,
+    StreamResult,
+    TensorInfo,
+    VersionInfo,
+)
+from tensorgate.client._sync import Client
+from tensorgate.client.errors import (
+    InternalError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+    TensorgateClientError,
+    UnavailableError,
+)
+
+__all__ = [
+    "DEFAULT_CHANNEL_OPTIONS",
+    "AsyncClient",
+    "Client",
+    "FrameError",
+    "InternalError",
+    "InvalidArgumentError",
+    "ModelInfo",
+    "ModelMetadata",
+    "NotFoundError",
+    "ResourceExhaustedError",
+    "StreamResult",
+    "TensorInfo",
+    "TensorgateClientError",
+    "UnavailableError",
+    "VersionInfo",
+]

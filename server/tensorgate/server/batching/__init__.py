@@ -1,0 +1,25 @@
+"""Dynamic batching: per model version, queue requests, form batches, run them, split the results back."""
+
+from __future__ import annotations
+
+from tensorgate.server.batching.batcher import (
+    Array,
+    Batcher,
+    BatcherSettings,
+    BatchInfo,
+    RunBatch,
+    current_batch,
+)
+from tensorgate.server.batching.clock import Clock, FakeClock, MonotonicClock
+
+__all__ = [
+    "Array",
+    "BatchInfo",
+    "Batcher",
+    "BatcherSettings",
+    "Clock",
+    "FakeClock",
+    "MonotonicClock",
+    "RunBatch",
+    "current_batch",
+]
