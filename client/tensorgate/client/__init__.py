@@ -23,6 +23,7 @@ from tensorgate.client._common import (
 )
 from tensorgate.client._sync import Client
 from tensorgate.client.errors import (
+    DeadlineExceededError,
     InternalError,
     InvalidArgumentError,
     NotFoundError,
@@ -35,6 +36,7 @@ __all__ = [
     "DEFAULT_CHANNEL_OPTIONS",
     "AsyncClient",
     "Client",
+    "DeadlineExceededError",
     "FrameError",
     "InternalError",
     "InvalidArgumentError",

@@ -112,9 +112,7 @@ def decode_bytes_elements(raw: bytes, count: int, name: str) -> npt.NDArray[np.o
         out[index] = bytes(view[offset : offset + length])
         offset += length
     if offset != len(raw):
-        raise TensorFormatError(
-            f"tensor {name!r}: {len(raw) - offset} bytes left over after {count} BYTES elements"
-        )
+        raise TensorFormatError(f"tensor {name!r}: {len(raw) - offset} bytes left over after {count} BYTES elements")
     return out
 
 

@@ -1,0 +1,215 @@
+"""`AsyncClient`: the asyncio client (grpc.aio), with `Client`'s methods as coroutines."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable
+from types import TracebackType
+from typing import Any
+
+import grpc
+import numpy.typing as npt
+
+from tensorgate.client import _common, _health
+from tensorgate.client._common import Inputs, ModelInfo, ModelMetadata, StreamResult
+from tensorgate.client.errors import InternalError, TensorgateClientError
+from tensorgate.v1 import models_pb2, models_pb2_grpc, predict_pb2_grpc, stream_pb2, stream_pb2_grpc
+
+__all__ = ["AsyncClient"]
+
+
+class AsyncClient:
+    """An asyncio client for a tensorgate server: `Client`'s methods and arguments, awaited.
+
+    Create it inside the event loop that uses it (grpc.aio binds a channel to its loop), and use it as
+    `async with AsyncClient(...) as client:` or `await client.close()`. Every failed call raises a
+    `tensorgate.client.errors.TensorgateClientError` subclass.
+
+    Args:
+        address: the server's "HOST:PORT".
+        tls: use TLS with the system's root certificates (implied by any of the three below).
+        root_certificates: PEM bytes, or a path to a PEM file, of the CAs to trust instead.
+        private_key: the client's key for mutual TLS (PEM bytes or a path), with `certificate_chain`.
+        certificate_chain: the client's certificate chain for mutual TLS (PEM bytes or a path).
+        timeout: the default deadline of each unary call in seconds (None: none); streams never get it.
+        options: gRPC channel options; they override the defaults (64 MiB message limits each way).
+        metadata: gRPC metadata sent with every call, such as ("authorization", "Bearer ...").
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        tls: bool = False,
+        root_certificates: bytes | str | os.PathLike[str] | None = None,
+        private_key: bytes | str | os.PathLike[str] | None = None,
+        certificate_chain: bytes | str | os.PathLike[str] | None = None,
+        timeout: float | None = None,
+        options: Iterable[tuple[str, Any]] = (),
+        metadata: Iterable[tuple[str, str | bytes]] = (),
+    ) -> None:
+        settings = _common.channel_settings(
+            address,
+            tls=tls,
+            root_certificates=root_certificates,
+            private_key=private_key,
+            certificate_chain=certificate_chain,
+            options=options,
+            metadata=metadata,
+        )
+        if settings.credentials is None:
+            self._channel = grpc.aio.insecure_channel(settings.target, options=settings.options)
+        else:
+            self._channel = grpc.aio.secure_channel(settings.target, settings.credentials, options=settings.options)
+        self.address = address
+        self.timeout = timeout
+        self._metadata = settings.metadata or None
+        self._predict = predict_pb2_grpc.PredictStub(self._channel)
+        self._stream = stream_pb2_grpc.StreamStub(self._channel)
+        self._models = models_pb2_grpc.ModelsStub(self._channel)
+        # grpc-stubs leaves generic-call callables unparameterised; the (de)serializers fix the types.
+        self._health_check: grpc.aio.UnaryUnaryMultiCallable[str, str] = self._channel.unary_unary(
+            _health.CHECK_METHOD,
+            request_serializer=_health.encode_check_request,
+            response_deserializer=_health.decode_check_response,
+        )
+
+    async def predict(
+        self,
+        model: str,
+        inputs: Inputs,
+        *,
+        version: int | None = None,
+        outputs: Iterable[str] | None = None,
+        priority: int = 0,
+        # A gRPC deadline, not an asyncio one: it travels to the server, which drops the request from its
+        # queue once it expires, so asyncio.timeout() (what ASYNC109 suggests) would not do the same.
+        timeout: float | None = None,  # noqa: ASYNC109
+        request_id: str = "",
+    ) -> dict[str, npt.NDArray[Any]]:
+        """Run one request through the model and return its outputs by name; see `Client.predict`."""
+        request = _common.build_predict_request(
+            model, inputs, version=version, outputs=outputs, priority=priority, request_id=request_id
+        )
+        with _common.rpc_errors():
+            response = await self._predict.Predict(
+                request, timeout=_common.resolve_timeout(timeout, self.timeout), metadata=self._metadata
+            )
+        return _common.parse_outputs(response.outputs)
+
+    async def stream(
+        self,
+        model: str,
+        frames: AsyncIterable[Inputs] | Iterable[Inputs],
+        *,
+        version: int | None = None,
+        outputs: Iterable[str] | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 (a gRPC deadline, see predict)
+    ) -> AsyncGenerator[StreamResult, None]:
+        """Send frames over one stream and yield their results in frame order; see `Client.stream`.
+
+        `frames` may be an async iterable (a camera reader task) or a plain one; a plain one must not block,
+        as it is read on the event loop. Use it as `async for result in client.stream(...)` (no `await`);
+        leaving the loop early (or `await results.aclose()`) cancels the stream.
+        """
+        numberer = _common.FrameNumberer()
+        config = _common.build_stream_config(model, version=version, outputs=outputs)
+        call = self._stream.Stream(_requests(config, frames, numberer), timeout=timeout, metadata=self._metadata)
+        try:
+            with _common.rpc_errors():
+                async for response in call:
+                    yield _common.parse_stream_response(response)
+        except Exception as exc:
+            if numberer.error is not None:
+                raise numberer.error from None
+            if isinstance(exc, TensorgateClientError) and _common.is_lost_stream_status(exc.__cause__):
+                raise await self._lost_stream_status(model, version) from exc
+            raise
+        finally:
+            call.cancel()  # a no-op once the call has finished
+        if numberer.error is not None:
+            raise numberer.error
+
+    async def _lost_stream_status(self, model: str, version: int | None) -> TensorgateClientError:
+        """The error to raise for a stream whose status grpc.aio lost (see `_common.is_lost_stream_status`).
+
+        A server ends a stream early mostly because it cannot serve the stream's model (unknown model or
+        version, loading, draining), which the same check as a unary call reports with its true code.
+        """
+        try:
+            await self.metadata(model, version=version)
+        except TensorgateClientError as exc:
+            return exc
+        return InternalError(
+            grpc.StatusCode.INTERNAL,
+            "the server ended the stream while a frame was being sent, and grpc.aio lost the status it sent "
+            "(https://github.com/grpc/grpc/issues/36066)",
+        )
+
+    async def models(self) -> list[ModelInfo]:
+        """Every model the server knows, with each version's state (also those not ready, with the reason)."""
+        with _common.rpc_errors():
+            response = await self._models.List(
+                models_pb2.ListModelsRequest(), timeout=self.timeout, metadata=self._metadata
+            )
+        return _common.parse_models(response)
+
+    async def metadata(self, model: str, *, version: int | None = None) -> ModelMetadata:
+        """A model version's inputs, outputs and engine; None asks for the version the server would choose."""
+        request = _common.build_metadata_request(model, version=version)
+        with _common.rpc_errors():
+            response = await self._models.Metadata(request, timeout=self.timeout, metadata=self._metadata)
+        return _common.parse_metadata(response)
+
+    async def ready(self, model: str, *, version: int | None = None) -> bool:
+        """Whether the model (that version, or with None any version) can take requests now.
+
+        Raises NotFoundError for a model the server does not know; a version it does not know is not ready.
+        """
+        request = _common.build_ready_request(model, version=version)
+        with _common.rpc_errors():
+            response = await self._models.Ready(request, timeout=self.timeout, metadata=self._metadata)
+        return response.ready
+
+    async def health(self, service: str = "") -> str:
+        """The standard gRPC health status of the server ("") or of one service, e.g. "SERVING".
+
+        Raises NotFoundError when the server does not know the service name.
+        """
+        with _common.rpc_errors():
+            return await self._health_check(service, timeout=self.timeout, metadata=self._metadata)
+
+    async def close(self) -> None:
+        """Close the channel; calls in flight are cancelled."""
+        await self._channel.close(grace=None)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"AsyncClient({self.address!r})"
+
+
+async def _requests(
+    config: stream_pb2.StreamRequest,
+    frames: AsyncIterable[Inputs] | Iterable[Inputs],
+    numberer: _common.FrameNumberer,
+) -> AsyncIterator[stream_pb2.StreamRequest]:
+    yield config
+    try:
+        if isinstance(frames, AsyncIterable):
+            async for inputs in frames:
+                yield numberer.request(inputs)
+        else:
+            for inputs in frames:
+                yield numberer.request(inputs)
+    except Exception as exc:  # runs in gRPC's writer task: hand it to the reader (see FrameNumberer)
+        numberer.error = exc

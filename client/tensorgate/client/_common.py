@@ -1,0 +1,380 @@
+"""Everything `Client` and `AsyncClient` share that is not I/O: results, requests, parsing, channel settings.
+
+Both clients are thin: each method builds its request here, makes one call, and parses the reply here, so the
+two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy.typing as npt
+
+from tensorgate.client.errors import (
+    TensorgateClientError,
+    error_for_code,
+    from_rpc_error,
+    status_code_from_number,
+)
+from tensorgate.client.tensors import TensorFormatError, from_tensor, from_wire_dtype, to_tensor
+from tensorgate.v1 import models_pb2, predict_pb2, stream_pb2, tensor_pb2
+
+__all__ = [
+    "DEFAULT_CHANNEL_OPTIONS",
+    "ChannelSettings",
+    "FrameError",
+    "FrameNumberer",
+    "Inputs",
+    "ModelInfo",
+    "ModelMetadata",
+    "StreamResult",
+    "TensorInfo",
+    "VersionInfo",
+    "build_metadata_request",
+    "build_predict_request",
+    "build_ready_request",
+    "build_stream_config",
+    "channel_settings",
+    "is_lost_stream_status",
+    "parse_metadata",
+    "parse_models",
+    "parse_outputs",
+    "parse_stream_response",
+    "rpc_errors",
+]
+
+#: A model's inputs by name: arrays, or anything `numpy.asarray` turns into one.
+Inputs = Mapping[str, npt.ArrayLike]
+
+_MIB = 1024 * 1024
+#: gRPC's own default receive limit is 4 MiB, which a single batch of images exceeds; the server's default
+#: limit is larger too. Any of these can be overridden through the clients' `options`.
+DEFAULT_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.max_receive_message_length", 64 * _MIB),
+    ("grpc.max_send_message_length", 64 * _MIB),
+)
+
+
+# Results --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FrameError:
+    """Why one frame of a stream failed; the stream itself goes on.
+
+    Attributes:
+        code: the gRPC status code name, e.g. "INVALID_ARGUMENT".
+        message: the server's message.
+    """
+
+    code: str
+    message: str
+
+    def to_exception(self) -> TensorgateClientError:
+        """The exception a unary call would have raised for this failure (not raised, returned)."""
+        return error_for_code(grpc.StatusCode[self.code], self.message)
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    """The result of one frame of a stream: its outputs, or its error.
+
+    Attributes:
+        sequence: the frame's number, 0 for the first frame the client sent, then 1, 2, ...
+        outputs: the output arrays by name; empty when the frame failed.
+        error: set instead of `outputs` when the frame failed.
+        version: the model version that served the frame.
+    """
+
+    sequence: int
+    outputs: dict[str, npt.NDArray[Any]] = field(default_factory=dict)
+    error: FrameError | None = None
+    version: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """Whether the frame succeeded."""
+        return self.error is None
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """One version of a model and its state: "LOADING", "READY", "UNLOADING" or "FAILED" (then `reason`)."""
+
+    version: int
+    state: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model the server knows, its platform, its versions, and a problem with the model as a whole."""
+
+    name: str
+    platform: str
+    versions: list[VersionInfo]
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A model input or output: its name, dtype name (e.g. "FP32") and shape (-1 for a variable dimension)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """A model version's tensors and what serves it.
+
+    Shapes include the batch dimension as -1 when the model batches (`max_batch_size` > 0); `engine` is what
+    actually runs it, e.g. "onnxruntime (CPUExecutionProvider)".
+    """
+
+    name: str
+    version: int
+    platform: str
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    max_batch_size: int
+    engine: str
+
+    def input(self, name: str) -> TensorInfo:
+        """The input called `name` (KeyError if the model has none)."""
+        for info in self.inputs:
+            if info.name == name:
+                return info
+        raise KeyError(name)
+
+
+# Channel --------------------------------------------------------------------------------------------------
+
+Pem = bytes | str | os.PathLike[str]
+
+
+@dataclass(frozen=True)
+class ChannelSettings:
+    """What both clients need to open a channel: target, credentials (None: plaintext) and options."""
+
+    target: str
+    credentials: grpc.ChannelCredentials | None
+    options: list[tuple[str, Any]]
+    metadata: tuple[tuple[str, str | bytes], ...]
+
+
+def _read_pem(value: Pem | None) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    return Path(value).read_bytes()
+
+
+def channel_settings(
+    address: str,
+    *,
+    tls: bool,
+    root_certificates: Pem | None,
+    private_key: Pem | None,
+    certificate_chain: Pem | None,
+    options: Iterable[tuple[str, Any]],
+    metadata: Iterable[tuple[str, str | bytes]],
+) -> ChannelSettings:
+    """Resolve the clients' constructor arguments. Any certificate turns TLS on; later options win."""
+    if not address:
+        raise ValueError("address is empty; expected HOST:PORT")
+    merged = dict(DEFAULT_CHANNEL_OPTIONS)
+    merged.update(options)
+    credentials = None
+    if tls or root_certificates is not None or private_key is not None or certificate_chain is not None:
+        if (private_key is None) != (certificate_chain is None):
+            raise ValueError("mutual TLS needs both private_key and certificate_chain")
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=_read_pem(root_certificates),
+            private_key=_read_pem(private_key),
+            certificate_chain=_read_pem(certificate_chain),
+        )
+    return ChannelSettings(address, credentials, list(merged.items()), tuple(metadata))
+
+
+def resolve_timeout(timeout: float | None, default: float | None) -> float | None:
+    """A call's timeout: its own, else the client's default (None: no deadline)."""
+    return default if timeout is None else timeout
+
+
+@contextlib.contextmanager
+def rpc_errors() -> Iterator[None]:
+    """Re-raise a `grpc.RpcError` from the block as its `TensorgateClientError` subclass."""
+    try:
+        yield
+    except grpc.RpcError as exc:
+        raise from_rpc_error(exc) from exc
+
+
+def is_lost_stream_status(error: BaseException | None) -> bool:
+    """Whether grpc.aio replaced the status a server ended a stream with by its own INTERNAL error.
+
+    When the server ends a bidirectional call while a client write is in flight, grpc.aio's failed write
+    overwrites the server's status with INTERNAL "Internal error from Core" (grpc/grpc#36066, open in grpcio
+    1.85). The sync API is not affected.
+    """
+    return (
+        isinstance(error, grpc.aio.AioRpcError)
+        and error.code() is grpc.StatusCode.INTERNAL
+        and error.details() == "Internal error from Core"
+        and "SendMessageOperation" in (error.debug_error_string() or "")
+    )
+
+
+# Requests -------------------------------------------------------------------------------------------------
+
+
+def _wire_version(version: int | None) -> int:
+    if version is None:
+        return 0
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"version must be a positive integer, or None for the server's choice; got {version!r}")
+    return version
+
+
+def _output_names(outputs: Iterable[str] | None) -> list[str]:
+    if outputs is None:
+        return []
+    if isinstance(outputs, str):
+        raise TypeError(f"outputs must be a list of names, not the string {outputs!r}")
+    return list(outputs)
+
+
+def _encode_inputs(inputs: Inputs) -> list[tensor_pb2.Tensor]:
+    if not isinstance(inputs, Mapping):
+        raise TypeError(f"inputs must be a mapping of name to array, not {type(inputs).__name__}")
+    return [to_tensor(name, value) for name, value in inputs.items()]
+
+
+def build_predict_request(
+    model: str,
+    inputs: Inputs,
+    *,
+    version: int | None = None,
+    outputs: Iterable[str] | None = None,
+    priority: int = 0,
+    request_id: str = "",
+) -> predict_pb2.PredictRequest:
+    """The `PredictRequest` for `predict`; ValueError/TypeError for arguments no server could accept."""
+    if priority < 0:
+        raise ValueError(f"priority must be >= 0 (1 is the highest, 0 the model's default); got {priority}")
+    return predict_pb2.PredictRequest(
+        model=model,
+        version=_wire_version(version),
+        inputs=_encode_inputs(inputs),
+        outputs=_output_names(outputs),
+        priority=priority,
+        request_id=request_id,
+    )
+
+
+def build_stream_config(
+    model: str, *, version: int | None = None, outputs: Iterable[str] | None = None
+) -> stream_pb2.StreamRequest:
+    """The first message of a stream: its configuration."""
+    config = stream_pb2.StreamConfig(model=model, version=_wire_version(version), outputs=_output_names(outputs))
+    return stream_pb2.StreamRequest(config=config)
+
+
+class FrameNumberer:
+    """Turns a stream's frames into `StreamRequest`s numbered 0, 1, 2, ...
+
+    A stream's requests are read by gRPC (on its own thread, or its own task), where an exception would only
+    cancel the call. The client's request generators store it in `error` instead and stop sending; the client
+    raises it to the caller after the results of the frames already sent.
+    """
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.error: BaseException | None = None
+
+    def request(self, inputs: Inputs) -> stream_pb2.StreamRequest:
+        """The next frame's request."""
+        frame = stream_pb2.Frame(sequence=self.sent, inputs=_encode_inputs(inputs))
+        self.sent += 1
+        return stream_pb2.StreamRequest(frame=frame)
+
+
+def build_metadata_request(model: str, *, version: int | None = None) -> models_pb2.ModelMetadataRequest:
+    """The `ModelMetadataRequest` for `metadata`."""
+    return models_pb2.ModelMetadataRequest(model=model, version=_wire_version(version))
+
+
+def build_ready_request(model: str, *, version: int | None = None) -> models_pb2.ModelReadyRequest:
+    """The `ModelReadyRequest` for `ready`."""
+    return models_pb2.ModelReadyRequest(model=model, version=_wire_version(version))
+
+
+# Responses ------------------------------------------------------------------------------------------------
+
+
+def parse_outputs(tensors: Iterable[tensor_pb2.Tensor]) -> dict[str, npt.NDArray[Any]]:
+    """Decode output tensors by name (read-only arrays over the received bytes, no copy)."""
+    return {tensor.name: from_tensor(tensor) for tensor in tensors}
+
+
+def parse_stream_response(response: stream_pb2.StreamResponse) -> StreamResult:
+    """A `StreamResponse` as a `StreamResult`."""
+    if response.HasField("error"):
+        code = status_code_from_number(response.error.code)
+        return StreamResult(
+            sequence=response.sequence,
+            error=FrameError(code.name, response.error.message),
+            version=response.version,
+        )
+    return StreamResult(sequence=response.sequence, outputs=parse_outputs(response.outputs), version=response.version)
+
+
+def _version_state(value: int) -> str:
+    try:
+        return models_pb2.VersionState.Name(value).removeprefix("VERSION_STATE_")  # type: ignore[arg-type]
+    except ValueError:  # a state added to the contract after this client was built
+        return f"STATE_{value}"
+
+
+def parse_models(response: models_pb2.ListModelsResponse) -> list[ModelInfo]:
+    """A `ListModelsResponse` as `ModelInfo`s, in the server's order."""
+    return [
+        ModelInfo(
+            name=model.name,
+            platform=model.platform,
+            versions=[VersionInfo(v.version, _version_state(v.state), v.reason) for v in model.versions],
+            reason=model.reason,
+        )
+        for model in response.models
+    ]
+
+
+def _dtype_name(value: int) -> str:
+    try:
+        return from_wire_dtype(value)
+    except TensorFormatError:  # unset, or added to the contract after this client was built: show, don't fail
+        return "UNSPECIFIED" if value == 0 else f"DTYPE_{value}"
+
+
+def _tensor_infos(specs: Iterable[tensor_pb2.TensorSpec]) -> list[TensorInfo]:
+    return [TensorInfo(spec.name, _dtype_name(spec.dtype), tuple(spec.shape)) for spec in specs]
+
+
+def parse_metadata(response: models_pb2.ModelMetadataResponse) -> ModelMetadata:
+    """A `ModelMetadataResponse` as `ModelMetadata`."""
+    return ModelMetadata(
+        name=response.name,
+        version=response.version,
+        platform=response.platform,
+        inputs=_tensor_infos(response.inputs),
+        outputs=_tensor_infos(response.outputs),
+        max_batch_size=response.max_batch_size,
+        engine=response.engine,
+    )
