@@ -132,9 +132,7 @@ class _Graph:
         w = self.const(f"{name}.weight", self.he((cout, cin, k, k), cin * k * k, gain))
         b = self.const(f"{name}.bias", self.bias(cout))
         pad = k // 2
-        return self.node(
-            "Conv", [x, w, b], name, kernel_shape=[k, k], strides=[stride, stride], pads=[pad] * 4
-        )
+        return self.node("Conv", [x, w, b], name, kernel_shape=[k, k], strides=[stride, stride], pads=[pad] * 4)
 
     def basic_block(self, x: str, name: str, cin: int, cout: int, stride: int) -> str:
         """ResNet BasicBlock: relu(conv3x3(relu(conv3x3(x))) + shortcut(x))."""
@@ -264,18 +262,14 @@ def check(out: Path, seconds: float) -> None:
 
     rng = np.random.default_rng(SEED)
     for name in MODELS:
-        session = ort.InferenceSession(
-            str(out / name / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
-        )
+        session = ort.InferenceSession(str(out / name / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
         (inp,) = session.get_inputs()
         features = [int(d) for d in inp.shape[1:]]
         for batch in (1, 8):
             x = rng.standard_normal([batch, *features], dtype=np.float32)
             (y,) = session.run(None, {inp.name: x})
             y = np.asarray(y)
-            print(
-                f"{name}: batch {batch} -> {y.shape}, finite={bool(np.isfinite(y).all())}, std={y.std():.3g}"
-            )
+            print(f"{name}: batch {batch} -> {y.shape}, finite={bool(np.isfinite(y).all())}, std={y.std():.3g}")
         x = rng.standard_normal([1, *features], dtype=np.float32)
         session.run(None, {inp.name: x})  # warm-up
         runs, start = 0, time.perf_counter()

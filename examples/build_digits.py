@@ -184,9 +184,7 @@ def digits_model(classifier: Any, accuracy: float) -> onnx.ModelProto:
     coefs: list[npt.NDArray[np.float64]] = classifier.coefs_
     intercepts: list[npt.NDArray[np.float64]] = classifier.intercepts_
     if len(coefs) != 2 or coefs[1].shape[1] != NUM_CLASSES:
-        raise ValueError(
-            f"expected one hidden layer and {NUM_CLASSES} outputs, got {[c.shape for c in coefs]}"
-        )
+        raise ValueError(f"expected one hidden layer and {NUM_CLASSES} outputs, got {[c.shape for c in coefs]}")
 
     def const(name: str, array: npt.NDArray[Any]) -> TensorProto:
         return numpy_helper.from_array(np.ascontiguousarray(array, dtype=np.float32), name)
@@ -234,9 +232,7 @@ def add_sub_model() -> onnx.ModelProto:
         ],
         "add_sub",
         inputs=[helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", 4]) for n in ("a", "b")],
-        outputs=[
-            helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", 4]) for n in ("sum", "difference")
-        ],
+        outputs=[helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", 4]) for n in ("sum", "difference")],
     )
     return _model(graph, "Element-wise sum and difference of two [batch, 4] tensors")
 
@@ -276,9 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     sklearn_accuracy = float(classifier.score(images.reshape(len(images), -1) / PIXEL_MAX, labels))
     model_bytes = digits_model(classifier, sklearn_accuracy).SerializeToString()
     exported_accuracy = onnx_accuracy(model_bytes, images, labels)
-    print(
-        f"digits: held-out accuracy {sklearn_accuracy:.4f} (sklearn), {exported_accuracy:.4f} (onnxruntime)"
-    )
+    print(f"digits: held-out accuracy {sklearn_accuracy:.4f} (sklearn), {exported_accuracy:.4f} (onnxruntime)")
     # float32 export of float64 weights could in principle flip a borderline prediction: refuse to ship a
     # model whose recorded accuracy is not what it actually scores.
     if exported_accuracy != sklearn_accuracy:

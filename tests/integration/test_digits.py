@@ -52,9 +52,7 @@ def test_multi_row_requests_get_their_own_rows(served: ServerThread) -> None:
             chunks = [images[0:7], images[7:8], images[8:20], images[20:30]]
             replies = await asyncio.gather(
                 *(
-                    stub.Predict(
-                        predict_pb2.PredictRequest(model="digits", inputs=[to_tensor("image", chunk)])
-                    )
+                    stub.Predict(predict_pb2.PredictRequest(model="digits", inputs=[to_tensor("image", chunk)]))
                     for chunk in chunks
                 )
             )

@@ -15,9 +15,7 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
     ["", "digits", "add_sub", "tensorgate.v1.Predict", "tensorgate.v1.Stream", "tensorgate.v1.Models"],
 )
 def test_health_serving(channel: grpc.Channel, service: str) -> None:
-    reply = health_pb2_grpc.HealthStub(channel).Check(
-        health_pb2.HealthCheckRequest(service=service), timeout=10
-    )
+    reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
     assert reply.status == SERVING
 
 

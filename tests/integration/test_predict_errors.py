@@ -42,9 +42,7 @@ def _image(rows: int = 1, dtype: Any = np.float32) -> tensor_pb2.Tensor:
 
 def test_good_request_succeeds(channel: grpc.Channel) -> None:
     a, b = np.arange(8, dtype=np.float32).reshape(2, 4), np.ones((2, 4), np.float32)
-    reply = _predict(
-        channel, model="add_sub", inputs=[to_tensor("a", a), to_tensor("b", b)], request_id="r-1"
-    )
+    reply = _predict(channel, model="add_sub", inputs=[to_tensor("a", a), to_tensor("b", b)], request_id="r-1")
     outputs = {t.name: np.frombuffer(t.raw, np.float32).reshape(t.shape) for t in reply.outputs}
     np.testing.assert_array_equal(outputs["sum"], a + b)
     np.testing.assert_array_equal(outputs["difference"], a - b)
@@ -75,9 +73,7 @@ def test_unknown_version_is_not_found(channel: grpc.Channel) -> None:
         (to_tensor("image", np.zeros((1, 8, 8), np.float32)), "shape [1, 8, 8]"),
         (to_tensor("image", np.zeros((1, 1, 8, 9), np.float32)), "shape [1, 1, 8, 9]"),
         (
-            tensor_pb2.Tensor(
-                name="image", dtype=tensor_pb2.DATA_TYPE_FP32, shape=[1, 1, 8, 8], raw=b"\0" * 255
-            ),
+            tensor_pb2.Tensor(name="image", dtype=tensor_pb2.DATA_TYPE_FP32, shape=[1, 1, 8, 8], raw=b"\0" * 255),
             "255 bytes",
         ),
         (

@@ -31,9 +31,7 @@ def _health(channel: grpc.Channel, service: str) -> int:
 
 def _add(channel: grpc.Channel, model: str = "add_sub", version: int = 0) -> predict_pb2.PredictResponse:
     a = np.ones((1, 4), np.float32)
-    request = predict_pb2.PredictRequest(
-        model=model, version=version, inputs=[to_tensor("a", a), to_tensor("b", a)]
-    )
+    request = predict_pb2.PredictRequest(model=model, version=version, inputs=[to_tensor("a", a), to_tensor("b", a)])
     return predict_pb2_grpc.PredictStub(channel).Predict(request, timeout=10)
 
 

@@ -45,9 +45,7 @@ def _start(repository: Path) -> tuple[subprocess.Popen[str], str]:
 
 def _frame(sequence: int) -> stream_pb2.StreamRequest:
     image = np.full((1, 1, 8, 8), sequence, np.float32)
-    return stream_pb2.StreamRequest(
-        frame=stream_pb2.Frame(sequence=sequence, inputs=[to_tensor("image", image)])
-    )
+    return stream_pb2.StreamRequest(frame=stream_pb2.Frame(sequence=sequence, inputs=[to_tensor("image", image)]))
 
 
 def test_sigterm_drains_in_flight_calls_and_exits_zero() -> None:

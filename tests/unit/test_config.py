@@ -143,14 +143,15 @@ def test_batching_config_needs_a_variable_first_dimension(tmp_path: Path) -> Non
 def test_check_request() -> None:
     signature = ModelSignature(4, (TensorSpec("x", F32, (-1, 3)),), ENGINE_OUT)
     signature.check_request({"x": np.zeros((2, 3), np.float32)}, ["y"])
-    for inputs, outputs, problem in [
+    cases: list[tuple[dict[str, np.ndarray], list[str] | None, str]] = [
         ({}, None, "missing input 'x'"),
         ({"x": np.zeros((2, 3), np.int32)}, None, "dtype INT32"),
         ({"x": np.zeros((2, 4), np.float32)}, None, "shape [2, 4]"),
         ({"x": np.zeros((5, 3), np.float32)}, None, "batch of 5 rows"),
         ({"x": np.zeros((1, 3), np.float32), "w": np.zeros(1)}, None, "unknown input 'w'"),
         ({"x": np.zeros((1, 3), np.float32)}, ["q"], "unknown output 'q'"),
-    ]:
+    ]
+    for inputs, outputs, problem in cases:
         with pytest.raises(InvalidInputError) as caught:
             signature.check_request(inputs, outputs)
         assert problem in str(caught.value)

@@ -52,9 +52,7 @@ def bench_models() -> ModuleType:
 
 
 def _session(path: Path | bytes) -> ort.InferenceSession:
-    return ort.InferenceSession(
-        path if isinstance(path, bytes) else str(path), providers=["CPUExecutionProvider"]
-    )
+    return ort.InferenceSession(path if isinstance(path, bytes) else str(path), providers=["CPUExecutionProvider"])
 
 
 def _parse_config(text: str) -> model_config_pb2.ModelConfig:
