@@ -53,6 +53,8 @@ def test_decoding_does_not_copy() -> None:
         ({"dtype": tensor_pb2.DATA_TYPE_BYTES, "shape": [2**40], "raw": b""}, "cannot hold them"),
         ({"dtype": tensor_pb2.DATA_TYPE_BYTES, "shape": [1], "raw": b"\x05\0\0\0ab"}, "runs past the end"),
         ({"dtype": tensor_pb2.DATA_TYPE_BYTES, "shape": [1], "raw": b"\x01\0\0\0abc"}, "left over"),
+        ({"dtype": tensor_pb2.DATA_TYPE_FP32, "shape": [1] * 65, "raw": b"\0" * 4}, "65 dimensions"),
+        ({"dtype": tensor_pb2.DATA_TYPE_FP32, "shape": [2**62, 2**62, 0], "raw": b""}, "numpy cannot hold"),
     ],
 )
 def test_bad_tensors_name_the_problem(fields: dict[str, Any], message: str) -> None:

@@ -46,6 +46,8 @@ DTYPES: dict[str, np.dtype[Any]] = {
 }
 _NAMES_BY_DTYPE: dict[np.dtype[Any], str] = {dtype: name for name, dtype in DTYPES.items()}
 _LENGTH = struct.Struct("<I")
+# numpy's limit on the number of dimensions (NPY_MAXDIMS in numpy 2).
+_MAX_DIMS = 64
 
 
 class TensorFormatError(ValueError):
@@ -143,6 +145,8 @@ def from_tensor(tensor: tensor_pb2.Tensor, *, max_elements: int | None = None) -
     shape = tuple(tensor.shape)
     if any(dim < 0 for dim in shape):
         raise TensorFormatError(f"tensor {name!r}: shape {list(shape)} has a negative dimension")
+    if len(shape) > _MAX_DIMS:
+        raise TensorFormatError(f"tensor {name!r}: {len(shape)} dimensions, more than numpy's {_MAX_DIMS}")
     count = 1
     for dim in shape:
         count *= dim
@@ -158,11 +162,19 @@ def from_tensor(tensor: tensor_pb2.Tensor, *, max_elements: int | None = None) -
                 f"tensor {name!r}: shape {list(shape)} needs {count} BYTES elements, but {len(raw)} bytes of "
                 f"data cannot hold them"
             )
-        return decode_bytes_elements(raw, count, name).reshape(shape)
+        return _reshape(decode_bytes_elements(raw, count, name), shape, name)
     expected = count * dtype.itemsize
     if len(raw) != expected:
         raise TensorFormatError(
             f"tensor {name!r}: {len(raw)} bytes of data, but shape {list(shape)} of {dtype_name(dtype)} "
             f"needs {expected}"
         )
-    return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).reshape(shape)
+    return _reshape(np.frombuffer(raw, dtype=dtype.newbyteorder("<")), shape, name)
+
+
+def _reshape(flat: npt.NDArray[Any], shape: tuple[int, ...], name: str) -> npt.NDArray[Any]:
+    try:
+        return flat.reshape(shape)
+    except ValueError as exc:
+        # Zero-element shapes whose other dimensions overflow numpy's index type, e.g. [2**62, 2**62, 0].
+        raise TensorFormatError(f"tensor {name!r}: numpy cannot hold shape {list(shape)}: {exc}") from None

@@ -11,8 +11,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
 import grpc
+from google.protobuf.message import DecodeError
 
-from tensorgate.server.errors import TensorgateError
+from tensorgate.server.errors import InvalidInputError, TensorgateError
 
 __all__ = ["ErrorInterceptor"]
 
@@ -28,11 +29,45 @@ async def _abort(context: Context, exc: Exception) -> None:
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
 
 
+class _Undecodable:
+    """Stands in for a request message that failed to parse.
+
+    Left to gRPC, a parse failure becomes UNKNOWN with a logged traceback per call, and inside a stream it
+    reaches the handler as a DecodeError; both would blame the server for what the client sent.
+    """
+
+    def __init__(self, error: DecodeError) -> None:
+        self.error = InvalidInputError(f"the request message cannot be parsed: {error}")
+
+
+def _tolerant(parse: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if parse is None:
+        return None
+    deserialize = parse
+
+    def tolerant(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError as exc:
+            return _Undecodable(exc)
+
+    return tolerant
+
+
+async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        if isinstance(request, _Undecodable):
+            raise request.error
+        yield request
+
+
 def _wrap_unary(
     behavior: Callable[[Any, Context], Awaitable[Any]],
 ) -> Callable[[Any, Context], Awaitable[Any]]:
     async def unary(request: Any, context: Context) -> Any:
         try:
+            if isinstance(request, _Undecodable):
+                raise request.error
             return await behavior(request, context)
         except grpc.aio.AbortError:
             raise
@@ -48,6 +83,10 @@ def _wrap_stream(
 ) -> Callable[[Any, Context], AsyncIterator[Any]]:
     async def stream(requests: Any, context: Context) -> AsyncIterator[Any]:
         try:
+            if isinstance(requests, _Undecodable):  # the single request of a unary-stream call
+                raise requests.error
+            if hasattr(requests, "__aiter__"):  # the requests of a stream-stream call
+                requests = _checked(requests)
             async for response in behavior(requests, context):
                 yield response
         except grpc.aio.AbortError:
@@ -87,7 +126,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
     @staticmethod
     def _wrap(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
-        deserialize, serialize = handler.request_deserializer, handler.response_serializer
+        deserialize, serialize = _tolerant(handler.request_deserializer), handler.response_serializer
         # grpc-stubs types behaviours as sync callables; on a grpc.aio server they are coroutines and async
         # generators, which is what the wrappers take.
         if handler.unary_unary is not None:
