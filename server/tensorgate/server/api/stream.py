@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
 
@@ -30,6 +31,8 @@ from tensorgate.server.inference import InferenceRequest, InferenceService
 from tensorgate.v1 import stream_pb2, stream_pb2_grpc
 
 __all__ = ["StreamServicer"]
+
+log = logging.getLogger(__name__)
 
 Pending = asyncio.Queue["asyncio.Task[stream_pb2.StreamResponse] | None"]
 
@@ -106,6 +109,9 @@ class StreamServicer(stream_pb2_grpc.StreamServicer):
             )
         except TensorgateError as exc:
             return await _failed(frame.sequence, exc)
+        except Exception as exc:  # a bug, but one frame's: the stream and its other frames go on
+            log.exception("unexpected error on frame %d", frame.sequence)
+            return await _failed(frame.sequence, TensorgateError(f"internal error: {type(exc).__name__}: {exc}"))
         return stream_pb2.StreamResponse(
             sequence=frame.sequence, outputs=encode_outputs(result.outputs), version=result.version
         )
