@@ -10,7 +10,6 @@ import asyncio
 import ctypes
 import functools
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import ml_dtypes
@@ -19,6 +18,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from tensorgate.engines.base import Arrays, EngineError, EngineSettings, TensorSpec
+from tensorgate.engines.threads import InstanceThread
 
 __all__ = ["OnnxRuntimeEngine"]
 
@@ -70,7 +70,7 @@ class OnnxRuntimeEngine:
             raise EngineError(f"instance_count must be at least 1, got {settings.instance_count}")
         self._settings = settings
         self._sessions: list[ort.InferenceSession] = []
-        self._threads: list[ThreadPoolExecutor] = []
+        self._threads: list[InstanceThread] = []
         self._inputs: tuple[TensorSpec, ...] = ()
         self._outputs: tuple[TensorSpec, ...] = ()
         self._providers: list[str] = []
@@ -124,10 +124,10 @@ class OnnxRuntimeEngine:
             raise EngineError(f"{path}: no such model file")
         self._providers = self._providers_to_use()
         for index in range(self._settings.instance_count):
-            thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{path.parent.name}-{index}")
+            thread = InstanceThread(f"ort-{path.parent.parent.name}-v{path.parent.name}-{index}")
             self._threads.append(thread)
             try:
-                session = await asyncio.get_running_loop().run_in_executor(thread, self._new_session)
+                session = await thread.run(self._new_session)
             except Exception as exc:  # ONNX Runtime raises its own exception types for broken files
                 await self.close()
                 raise EngineError(f"{path}: ONNX Runtime cannot load it: {exc}") from exc
@@ -170,7 +170,7 @@ class OnnxRuntimeEngine:
             raise EngineError("the engine is not loaded")
         call = functools.partial(self._run, instance, inputs, outputs)
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._threads[instance], call)
+            return await self._threads[instance].run(call)
         except EngineError:
             raise
         except Exception as exc:  # ONNX Runtime's own error types carry the reason in their message
@@ -181,7 +181,7 @@ class OnnxRuntimeEngine:
         self._sessions.clear()
         threads, self._threads = self._threads, []
         for thread in threads:
-            thread.shutdown(wait=False, cancel_futures=True)
+            thread.close()
 
 
 def _map_objects(array: npt.NDArray[Any], convert: Any) -> npt.NDArray[np.object_]:
