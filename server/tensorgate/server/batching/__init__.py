@@ -5,12 +5,12 @@ from __future__ import annotations
 from tensorgate.server.batching.batcher import (
     Array,
     Batcher,
-    BatcherSettings,
     BatchInfo,
     RunBatch,
     current_batch,
 )
 from tensorgate.server.batching.clock import Clock, FakeClock, MonotonicClock
+from tensorgate.server.batching.settings import BatcherSettings
 
 __all__ = [
     "Array",
