@@ -1,9 +1,9 @@
 """In-process ONNX Runtime baseline: what the hardware does with no server in the way.
 
-The served numbers in `bench.serving` are divided by these, so the session must be built the way the server
-builds its own by default: one instance, ONNX Runtime's default intra-op threads, the options of
-`tensorgate.engines.onnxruntime.OnnxRuntimeEngine._new_session` (mirrored in `server_session_options`; keep the
-two in step). Calls are batch-1, like the served requests. Concurrency N is N Python threads calling `run` on
+The served numbers in `bench.serving` are divided by these. The session is what a user running ONNX Runtime
+in their own process would build: `InferenceSession(path)` with ONNX Runtime's defaults (its own thread count,
+spinning pool threads), not the server's tuned options, so the ratio charges the server for every choice it
+makes. Calls are batch-1, like the served requests. Concurrency N is N Python threads calling `run` on
 that one session, which is what N concurrent batch-1 callers of an unbatched embedding would do; ONNX Runtime
 releases the GIL inside `run`, so the threads really overlap.
 """
@@ -30,7 +30,6 @@ __all__ = [
     "percentile",
     "run_inprocess",
     "sample_inputs",
-    "server_session_options",
     "summarize_latencies",
 ]
 
@@ -49,22 +48,11 @@ _ORT_NUMPY = {
 }
 
 
-def server_session_options() -> ort.SessionOptions:
-    """Session options equal to the server's defaults (engine settings with no model-config overrides)."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 0  # EngineSettings.intra_op_threads default: ONNX Runtime chooses
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    return options
-
-
 def load_session(model_file: Path) -> ort.InferenceSession:
-    """An InferenceSession over `model_file` with the server's default options and providers."""
+    """An InferenceSession over `model_file` with ONNX Runtime's default options and the server's providers."""
     available = set(ort.get_available_providers())
     providers = [p for p in _PREFERRED_PROVIDERS if p in available]
-    return ort.InferenceSession(str(model_file), server_session_options(), providers=providers)
+    return ort.InferenceSession(str(model_file), providers=providers)
 
 
 def sample_inputs(session: ort.InferenceSession, batch: int = 1, seed: int = 0) -> dict[str, npt.NDArray[Any]]:
