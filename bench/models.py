@@ -97,6 +97,14 @@ instance_group [
     kind: KIND_CPU
   }
 ]
+parameters [
+  {
+    # Inference takes microseconds, so ONNX Runtime's pool threads would spin between runs on CPU the event
+    # loop needs; for compute-bound models (resnet18) spinning pays for itself and stays on.
+    key: "allow_spinning"
+    value: { string_value: "0" }
+  }
+]
 """
 
 FloatArray = npt.NDArray[np.float32]

@@ -81,6 +81,13 @@ instance_group [
     kind: KIND_CPU
   }
 ]
+parameters [
+  {
+    # A tiny model: ONNX Runtime's pool threads would spin between runs on CPU the event loop needs.
+    key: "allow_spinning"
+    value: { string_value: "0" }
+  }
+]
 """
 
 FloatArray = npt.NDArray[np.float32]

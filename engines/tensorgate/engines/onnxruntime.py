@@ -63,7 +63,8 @@ class OnnxRuntimeEngine:
 
     Settings read from `parameters`: "execution_providers" (comma-separated, in order of preference;
     default: TensorRT, CUDA, then CPU, whichever this build has), "inter_op_threads" (default 1) and
-    "allow_spinning" ("1" lets ONNX Runtime's pool threads spin between runs; default "0").
+    "allow_spinning" ("0" stops ONNX Runtime's pool threads spinning between runs, which suits tiny models;
+    ONNX Runtime's default otherwise).
     """
 
     def __init__(self, settings: EngineSettings) -> None:
@@ -116,11 +117,12 @@ class OnnxRuntimeEngine:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Our own logs say what matters; ORT's warnings (e.g. about unavailable providers) would be noise.
         options.log_severity_level = 3
-        # ONNX Runtime's pool threads spin after each run by default; in a server they would take the CPU the
-        # event loop needs to decode and answer the next requests (measured on the MLP benchmark).
-        options.add_session_config_entry(
-            "session.intra_op.allow_spinning", self._settings.parameters.get("allow_spinning", "0")
-        )
+        # ONNX Runtime's pool threads spin after each run by default: worth it for compute-bound models (about
+        # 10% on ResNet-18 here), wasteful for tiny ones, whose spinning threads take the CPU the event loop
+        # needs to answer the next requests. Models choose with the "allow_spinning" parameter.
+        spinning = self._settings.parameters.get("allow_spinning")
+        if spinning is not None:
+            options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
         return ort.InferenceSession(str(self._settings.model_file), options, providers=self._providers)
 
     async def load(self) -> None:
