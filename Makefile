@@ -6,6 +6,11 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# tritonclient pins protobuf < 7 and cannot share a process with our `inference` stubs: its own venv, for tests.
+TRITON_VENV := $(VENV)/triton
+TRITON_STAMP := $(TRITON_VENV)/.installed
+TRITON_REQUIREMENTS := tests/integration/tritonclient-requirements.txt
+PERF_ANALYZER ?= ../shared/tools/perf_analyzer
 ADDRESS ?= 127.0.0.1:8001
 REPOSITORY ?= examples/models
 
@@ -20,7 +25,12 @@ $(STAMP): pyproject.toml client/pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ./client -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP) ## create .venv with the server, the client and every tool for tests and benchmarks
+$(TRITON_STAMP): $(TRITON_REQUIREMENTS) | $(STAMP)
+	$(PYTHON) -m venv --clear $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r $(TRITON_REQUIREMENTS)
+	touch $(TRITON_STAMP)
+
+install: $(STAMP) $(TRITON_STAMP) ## create .venv (server, client, tools) and .venv/triton (tritonclient, for tests)
 
 run: install ## serve the bundled example models on $(ADDRESS) until Ctrl-C
 	$(BIN)/tensorgate serve --address $(ADDRESS) --repository $(REPOSITORY)
@@ -48,7 +58,8 @@ models: install ## build the benchmark models into bench/models (deterministic, 
 
 bench: install models ## run the benchmarks and write bench/results/
 	@command -v h2load >/dev/null || { apt-get update -qq && apt-get install -y -qq nghttp2-client; }
-	$(BIN)/python -m bench.serving --models bench/models --out bench/results
+	$(BIN)/python -m bench.serving --models bench/models --out bench/results --perf-analyzer $(PERF_ANALYZER)
+	$(BIN)/python -m bench.streams --out bench/results
 
 clean: ## remove the virtual environment and build outputs
 	rm -rf $(VENV) build dist .mypy_cache .ruff_cache bench/models

@@ -11,7 +11,10 @@
 3. for `--rounds` rounds, for each model and concurrency, measures in-process ONNX Runtime, then tensorgate
    under h2load, then (MLP at concurrency 1 and 16) the reference server: variants interleaved A B A B, so slow
    drift on this shared machine hits them alike; every figure reported is the median over rounds;
-4. writes `serving.json` (every run, medians, machine) and `serving.md` (tables and the targets).
+4. while the server is still up, runs Triton's perf_analyzer against it over the Open Inference Protocol
+   (`bench/perf_analyzer.py`, concurrency 1 to 8) for its client-side figures and the server-side queue and
+   compute split from ModelStatistics;
+5. writes `serving.json` (every run, medians, machine) and `serving.md` (tables and the targets).
 
 Concurrency N is one HTTP/2 connection with N concurrent streams (`h2load -c 1 -m N`), the way one gRPC channel
 carries N outstanding calls; `--connections K` spreads N over K connections instead. h2load runs count-based
@@ -52,6 +55,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from bench import h2load
+from bench import perf_analyzer as perf
 from bench.inprocess import load_session, run_inprocess, sample_inputs, summarize_latencies
 from tensorgate.client.tensors import from_tensor, to_tensor
 from tensorgate.v1 import predict_pb2
@@ -66,6 +70,8 @@ _REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SECONDS = {"resnet18": 4.0, "mlp": 2.0}
 #: Concurrencies at which the MLP is also served by the bare reference server.
 REFERENCE_CONCURRENCIES = (1, 16)
+#: perf_analyzer requests per measurement window, per model (ResNet-18 serves ~50 requests/s here).
+PERF_ANALYZER_REQUESTS = {"resnet18": 100, "mlp": 500}
 
 
 # --------------------------------------------------------------------------------------------- servers
@@ -287,6 +293,9 @@ class BenchConfig:
     reference: bool = True
     reference_mode: str = "inline"
     startup_timeout_s: float = 300.0
+    #: perf_analyzer to run after the rounds (None: skip it), and its concurrency range.
+    perf_analyzer: Path | None = perf.DEFAULT_BINARY
+    perf_analyzer_concurrency: tuple[int, int] = (1, 8)
 
 
 class Runner:
@@ -613,6 +622,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"| {_fmt(ratio)} | {_fmt(ours['p50_ms'])} | {_fmt(ref['p50_ms'])} | {_fmt(ours['p99_ms'])} "
                 f"| {_fmt(ref['p99_ms'])} |"
             )
+    lines += _render_perf_analyzer(report.get("perf_analyzer", {}))
     lines += [
         "",
         "## Requests/s in each round",
@@ -645,6 +655,71 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+# --------------------------------------------------------------------------------------------- perf_analyzer
+
+
+def run_perf_analyzer(config: BenchConfig, address: str, log: Callable[[str], None]) -> dict[str, Any]:
+    """perf_analyzer over the Open Inference Protocol against the running server, per model.
+
+    A failure is recorded in the report, not raised: the h2load figures stand without it.
+    """
+    if config.perf_analyzer is None:
+        return {}
+    low, high = config.perf_analyzer_concurrency
+    models: dict[str, Any] = {}
+    for name in config.model_names:
+        requests = PERF_ANALYZER_REQUESTS.get(name, 200)
+        log(f"perf_analyzer {name}: concurrency {low}..{high}, {requests} requests per window")
+        try:
+            rows = perf.run(
+                address,
+                name,
+                binary=config.perf_analyzer,
+                concurrency=(low, high),
+                requests_per_window=requests,
+            )
+        except perf.PerfAnalyzerError as exc:
+            log(f"perf_analyzer {name} failed: {exc}")
+            models[name] = {"error": str(exc)}
+            continue
+        models[name] = {"rows": [row.to_dict() for row in rows]}
+        for row in rows:
+            log(
+                f"perf_analyzer {name:8s} c={row.concurrency:<2d} {row.throughput:9.1f} infer/s  "
+                f"p50 {row.p50_us / 1000:8.3f} ms  server queue {row.server_queue_us:7.0f} us  "
+                f"compute infer {row.server_compute_infer_us:7.0f} us"
+            )
+    return {
+        "binary": str(config.perf_analyzer),
+        "concurrency": [low, high],
+        "requests_per_window": {name: PERF_ANALYZER_REQUESTS.get(name, 200) for name in config.model_names},
+        "models": models,
+    }
+
+
+def _render_perf_analyzer(results: dict[str, Any]) -> list[str]:
+    if not results.get("models"):
+        return []
+    low, high = results["concurrency"]
+    lines = [
+        "",
+        "## perf_analyzer over the Open Inference Protocol (gRPC)",
+        "",
+        f"Triton's perf_analyzer (`-i grpc`, concurrency {low} to {high}, synchronous requests, batch 1) against "
+        "the same server through `inference.GRPCInferenceService`. Count-based windows, repeated until three agree "
+        "within 50%. Times in microseconds, averaged per request; the server columns come from the server's own "
+        "ModelStatistics (queue: waiting in the batcher; compute input / infer / output: gathering the batch, the "
+        "engine, scattering the results); network + server other is the rest of the round trip.",
+    ]
+    for name, entry in results["models"].items():
+        lines += ["", f"### {name}", ""]
+        if "error" in entry:
+            lines.append(f"perf_analyzer failed: `{entry['error'].splitlines()[0]}`")
+            continue
+        lines += perf.render_table([perf.PerfRow(**row) for row in entry["rows"]])
+    return lines
+
+
 # --------------------------------------------------------------------------------------------- main
 
 
@@ -654,6 +729,7 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> di
     config.out.mkdir(parents=True, exist_ok=True)
     servers: list[ServerProcess] = []
     measurements: list[Measurement] = []
+    perf_results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         cases = [
             prepare_model(config.models, name, config.seconds.get(name, 2.0), Path(tmp)) for name in config.model_names
@@ -692,6 +768,7 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> di
                                 f"mean {m.mean_ms:8.3f} ms"
                             )
                         measurements.extend(runs)
+            perf_results = run_perf_analyzer(config, addresses["tensorgate"], log)
         except BaseException:
             # The servers' logs go with the temporary folder; show their ends, which usually say why.
             for server in servers:
@@ -735,6 +812,7 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> di
         "summary": summary,
         "ratios": ratios,
         "runs": [m.to_dict() for m in measurements],
+        "perf_analyzer": perf_results,
     }
     (config.out / "serving.json").write_text(json.dumps(_json_safe(report), indent=2) + "\n")
     (config.out / "serving.md").write_text(render_markdown(report))
@@ -760,6 +838,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--no-reference", action="store_true", help="skip the bare reference server")
     parser.add_argument("--reference-mode", choices=("inline", "executor"), default="inline")
+    parser.add_argument(
+        "--perf-analyzer",
+        type=Path,
+        default=perf.DEFAULT_BINARY,
+        help="perf_analyzer to run after the rounds (default: ../shared/tools/perf_analyzer)",
+    )
+    parser.add_argument("--no-perf-analyzer", action="store_true", help="skip perf_analyzer")
     args = parser.parse_args(argv)
     seconds = dict(DEFAULT_SECONDS)
     if args.seconds is not None:
@@ -774,6 +859,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         seconds=seconds,
         reference=not args.no_reference,
         reference_mode=args.reference_mode,
+        perf_analyzer=None if args.no_perf_analyzer else args.perf_analyzer,
     )
     report = run_benchmark(config)
     print()

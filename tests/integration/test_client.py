@@ -105,7 +105,7 @@ def test_unreachable_server_is_unavailable() -> None:
 
 
 def test_stream_results_in_order(client: Client) -> None:
-    results = list(client.stream("add_sub", (add_sub_frame(i) for i in range(20)), outputs=["sum"]))
+    results = list(client.stream("add_sub", (add_sub_frame(i) for i in range(20)), outputs=["sum"], policy="block"))
 
     assert [r.sequence for r in results] == list(range(20))
     assert all(r.ok and r.version == 1 and list(r.outputs) == ["sum"] for r in results)
@@ -117,7 +117,7 @@ def test_stream_bad_frame_gets_an_error_and_the_stream_goes_on(client: Client) -
     frames = [add_sub_frame(0), {"a": np.zeros((1, 3), np.float32), "b": np.zeros((1, 3), np.float32)}]
     frames.append(add_sub_frame(2))
 
-    results = list(client.stream("add_sub", frames))
+    results = list(client.stream("add_sub", frames, policy="block"))
 
     assert [r.sequence for r in results] == [0, 1, 2]
     assert [r.ok for r in results] == [True, False, True]
@@ -140,7 +140,7 @@ def test_stream_source_error_is_raised_after_earlier_results(client: Client) -> 
 
     received: list[StreamResult] = []
     with pytest.raises(RuntimeError, match="camera unplugged"):
-        received.extend(client.stream("add_sub", frames()))
+        received.extend(client.stream("add_sub", frames(), policy="block"))
 
     assert [r.sequence for r in received] == [0, 1]
 
@@ -152,7 +152,7 @@ def test_stream_stopped_early_is_cancelled(client: Client) -> None:
             yield add_sub_frame(i)
             i += 1
 
-    results = client.stream("add_sub", endless())
+    results = client.stream("add_sub", endless(), policy="block")
     first = [next(results) for _ in range(3)]
     results.close()  # what leaving a for loop early does
 
@@ -248,7 +248,7 @@ async def test_async_stream_from_an_async_source(aclient: AsyncClient) -> None:
             await asyncio.sleep(0)
             yield add_sub_frame(i)
 
-    results = [r async for r in aclient.stream("add_sub", frames())]
+    results = [r async for r in aclient.stream("add_sub", frames(), policy="block")]
 
     assert [r.sequence for r in results] == list(range(10))
     for i, result in enumerate(results):
@@ -259,7 +259,7 @@ async def test_async_stream_from_an_async_source(aclient: AsyncClient) -> None:
 async def test_async_stream_from_a_plain_source_with_a_bad_frame(aclient: AsyncClient) -> None:
     frames = [add_sub_frame(0), {"a": np.zeros((1, 4), np.float32)}, add_sub_frame(2)]
 
-    results = [r async for r in aclient.stream("add_sub", frames, outputs=["difference"])]
+    results = [r async for r in aclient.stream("add_sub", frames, outputs=["difference"], policy="block")]
 
     assert [(r.sequence, r.ok) for r in results] == [(0, True), (1, False), (2, True)]
     assert results[1].error is not None
@@ -277,7 +277,7 @@ async def test_async_stream_errors(aclient: AsyncClient) -> None:
     received: list[StreamResult] = []
 
     async def consume() -> None:
-        async for result in aclient.stream("add_sub", failing()):
+        async for result in aclient.stream("add_sub", failing(), policy="block"):
             received.append(result)
 
     with pytest.raises(RuntimeError, match="camera unplugged"):
@@ -300,7 +300,7 @@ async def test_async_stream_stopped_early(aclient: AsyncClient) -> None:
             yield add_sub_frame(i)
             i += 1
 
-    results = aclient.stream("add_sub", endless())
+    results = aclient.stream("add_sub", endless(), policy="block")
     first = [await anext(results) for _ in range(3)]
     await results.aclose()  # what leaving an async for loop early does
 

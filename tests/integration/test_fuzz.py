@@ -211,6 +211,7 @@ def stream_scripts(draw: st.DrawFn) -> tuple[stream_pb2.StreamConfig, list[strea
     config = stream_pb2.StreamConfig(
         model=model,
         version=draw(st.sampled_from([0, 1])),
+        drop_policy=stream_pb2.DROP_POLICY_BLOCK,  # the oracle wants a result for every message
         outputs=_mostly(
             draw,
             st.one_of(st.just([]), st.lists(st.sampled_from(OUTPUTS[model]), max_size=2)),
@@ -536,7 +537,9 @@ def test_a_frame_with_an_overflowing_zero_element_shape_leaves_the_stream_open(
     stream_stub: stream_pb2_grpc.StreamStub,
 ) -> None:
     bad = stream_pb2.Frame(sequence=5, inputs=[_huge("a", FP32, [2**62, 2**62, 0], b"")])
-    config = stream_pb2.StreamRequest(config=stream_pb2.StreamConfig(model="add_sub"))
+    config = stream_pb2.StreamRequest(
+        config=stream_pb2.StreamConfig(model="add_sub", drop_policy=stream_pb2.DROP_POLICY_BLOCK)
+    )
     responses, code, details = _stream(
         stream_stub, [config, stream_pb2.StreamRequest(frame=bad), _good_frame("add_sub", 6)]
     )

@@ -180,9 +180,13 @@ def _streams(clients: Clients) -> None:
                 cast("grpc.Future[Any]", call).cancel()
                 break
             continue
+        # The default drop policy (latest) may drop frames: those answered are in order, the rest counted.
         results = list(call)
-        assert [r.sequence for r in results] == sequences
-        assert [r.HasField("error") for r in results] == [s % 2 == 0 for s in sequences]
+        answered = [r.sequence for r in results]
+        assert answered == sorted(set(answered))
+        assert set(answered) <= set(sequences)
+        assert len(results) + sum(r.dropped for r in results) == len(sequences)
+        assert [r.HasField("error") for r in results] == [s % 2 == 0 for s in answered]
 
 
 def _round(clients: Clients, calls: int) -> None:

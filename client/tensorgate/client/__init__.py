@@ -6,6 +6,9 @@
         outputs = client.predict("digits", {"image": images})      # {"probabilities": ..., "label": ...}
         for result in client.stream("digits", ({"image": frame} for frame in camera)):
             print(result.sequence, result.outputs if result.ok else result.error)
+        # Encoded camera images, decoded and preprocessed on the server; stale frames dropped (policy="latest"):
+        for result in client.stream("detector", (Image(jpeg) for jpeg in camera)):
+            print(result.sequence, result.latency, result.dropped, result.timings)
 
 Failed calls raise the exceptions of `tensorgate.client.errors` (root: `TensorgateClientError`), which keep
 the gRPC status code and the server's message. Arrays travel with `tensorgate.client.tensors`.
@@ -31,18 +34,23 @@ from tensorgate.client.errors import (
     TensorgateClientError,
     UnavailableError,
 )
+from tensorgate.client.frames import Frame, FrameTimings, Image, Preprocessing
 
 __all__ = [
     "DEFAULT_CHANNEL_OPTIONS",
     "AsyncClient",
     "Client",
     "DeadlineExceededError",
+    "Frame",
     "FrameError",
+    "FrameTimings",
+    "Image",
     "InternalError",
     "InvalidArgumentError",
     "ModelInfo",
     "ModelMetadata",
     "NotFoundError",
+    "Preprocessing",
     "ResourceExhaustedError",
     "StreamResult",
     "TensorInfo",

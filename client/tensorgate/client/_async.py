@@ -10,9 +10,10 @@ from typing import Any
 import grpc
 import numpy.typing as npt
 
-from tensorgate.client import _common, _health
-from tensorgate.client._common import Inputs, ModelInfo, ModelMetadata, StreamResult
+from tensorgate.client import _common, _health, _tracing
+from tensorgate.client._common import Inputs, ModelInfo, ModelMetadata, StreamFrame, StreamResult
 from tensorgate.client.errors import InternalError, TensorgateClientError
+from tensorgate.client.frames import Preprocessing
 from tensorgate.v1 import models_pb2, models_pb2_grpc, predict_pb2_grpc, stream_pb2, stream_pb2_grpc
 
 __all__ = ["AsyncClient"]
@@ -63,7 +64,7 @@ class AsyncClient:
             self._channel = grpc.aio.secure_channel(settings.target, settings.credentials, options=settings.options)
         self.address = address
         self.timeout = timeout
-        self._metadata = settings.metadata or None
+        self._fixed_metadata = settings.metadata or None
         self._predict = predict_pb2_grpc.PredictStub(self._channel)
         self._stream = stream_pb2_grpc.StreamStub(self._channel)
         self._models = models_pb2_grpc.ModelsStub(self._channel)
@@ -73,6 +74,11 @@ class AsyncClient:
             request_serializer=_health.encode_check_request,
             response_deserializer=_health.decode_check_response,
         )
+
+    @property
+    def _metadata(self) -> _tracing.Metadata | None:
+        """Every call's metadata: the client's own, plus the caller's trace context when OpenTelemetry is installed."""
+        return _tracing.outgoing(self._fixed_metadata)
 
     async def predict(
         self,
@@ -100,10 +106,14 @@ class AsyncClient:
     async def stream(
         self,
         model: str,
-        frames: AsyncIterable[Inputs] | Iterable[Inputs],
+        frames: AsyncIterable[StreamFrame] | Iterable[StreamFrame],
         *,
         version: int | None = None,
         outputs: Iterable[str] | None = None,
+        policy: str | None = None,
+        queue_size: int = 0,
+        max_in_flight: int = 0,
+        preprocessing: Preprocessing | None = None,
         timeout: float | None = None,  # noqa: ASYNC109 (a gRPC deadline, see predict)
     ) -> AsyncGenerator[StreamResult, None]:
         """Send frames over one stream and yield their results in frame order; see `Client.stream`.
@@ -113,7 +123,15 @@ class AsyncClient:
         leaving the loop early (or `await results.aclose()`) cancels the stream.
         """
         numberer = _common.FrameNumberer()
-        config = _common.build_stream_config(model, version=version, outputs=outputs)
+        config = _common.build_stream_config(
+            model,
+            version=version,
+            outputs=outputs,
+            policy=policy,
+            queue_size=queue_size,
+            max_in_flight=max_in_flight,
+            preprocessing=preprocessing,
+        )
         call = self._stream.Stream(_requests(config, frames, numberer), timeout=timeout, metadata=self._metadata)
         try:
             with _common.rpc_errors():
@@ -200,16 +218,16 @@ class AsyncClient:
 
 async def _requests(
     config: stream_pb2.StreamRequest,
-    frames: AsyncIterable[Inputs] | Iterable[Inputs],
+    frames: AsyncIterable[StreamFrame] | Iterable[StreamFrame],
     numberer: _common.FrameNumberer,
 ) -> AsyncIterator[stream_pb2.StreamRequest]:
     yield config
     try:
         if isinstance(frames, AsyncIterable):
-            async for inputs in frames:
-                yield numberer.request(inputs)
+            async for frame in frames:
+                yield numberer.request(frame)
         else:
-            for inputs in frames:
-                yield numberer.request(inputs)
+            for frame in frames:
+                yield numberer.request(frame)
     except Exception as exc:  # runs in gRPC's writer task: hand it to the reader (see FrameNumberer)
         numberer.error = exc

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from tensorgate.client.errors import (
     from_rpc_error,
     status_code_from_number,
 )
+from tensorgate.client.frames import Frame, FrameTimings, Image, Preprocessing, build_config, build_frame
 from tensorgate.client.tensors import TensorFormatError, from_tensor, from_wire_dtype, to_tensor
 from tensorgate.v1 import models_pb2, predict_pb2, stream_pb2, tensor_pb2
 
@@ -33,6 +35,7 @@ __all__ = [
     "Inputs",
     "ModelInfo",
     "ModelMetadata",
+    "StreamFrame",
     "StreamResult",
     "TensorInfo",
     "VersionInfo",
@@ -90,17 +93,34 @@ class StreamResult:
         outputs: the output arrays by name; empty when the frame failed.
         error: set instead of `outputs` when the frame failed.
         version: the model version that served the frame.
+        capture_time_ns: the frame's capture time (`time.time_ns()` units), as it was sent.
+        received_time_ns: when this client received the result (`time.time_ns()`).
+        dropped: frames the server dropped (per the stream's policy) since the previous result; they were sent
+            before this one and get no result of their own.
+        timings: where the frame's time on the server went.
     """
 
     sequence: int
     outputs: dict[str, npt.NDArray[Any]] = field(default_factory=dict)
     error: FrameError | None = None
     version: int = 0
+    capture_time_ns: int = 0
+    received_time_ns: int = 0
+    dropped: int = 0
+    timings: FrameTimings = field(default_factory=FrameTimings)
 
     @property
     def ok(self) -> bool:
         """Whether the frame succeeded."""
         return self.error is None
+
+    @property
+    def latency(self) -> float | None:
+        """Seconds from the frame's capture to this result's arrival (both on this machine's clock, unless the
+        frame's capture time came from elsewhere); None when either is unknown."""
+        if not self.capture_time_ns or not self.received_time_ns:
+            return None
+        return (self.received_time_ns - self.capture_time_ns) / 1e9
 
 
 @dataclass(frozen=True)
@@ -280,11 +300,30 @@ def build_predict_request(
 
 
 def build_stream_config(
-    model: str, *, version: int | None = None, outputs: Iterable[str] | None = None
+    model: str,
+    *,
+    version: int | None = None,
+    outputs: Iterable[str] | None = None,
+    policy: str | None = None,
+    queue_size: int = 0,
+    max_in_flight: int = 0,
+    preprocessing: Preprocessing | None = None,
 ) -> stream_pb2.StreamRequest:
     """The first message of a stream: its configuration."""
-    config = stream_pb2.StreamConfig(model=model, version=_wire_version(version), outputs=_output_names(outputs))
+    config = build_config(
+        model,
+        version=_wire_version(version),
+        outputs=_output_names(outputs),
+        policy=policy,
+        queue_size=queue_size,
+        max_in_flight=max_in_flight,
+        preprocessing=preprocessing,
+    )
     return stream_pb2.StreamRequest(config=config)
+
+
+#: What a stream's frames may be: input arrays by name, an image, or a `Frame` (with its capture time).
+StreamFrame = Inputs | Image | Frame
 
 
 class FrameNumberer:
@@ -299,11 +338,11 @@ class FrameNumberer:
         self.sent = 0
         self.error: BaseException | None = None
 
-    def request(self, inputs: Inputs) -> stream_pb2.StreamRequest:
+    def request(self, frame: StreamFrame) -> stream_pb2.StreamRequest:
         """The next frame's request."""
-        frame = stream_pb2.Frame(sequence=self.sent, inputs=_encode_inputs(inputs))
+        message = build_frame(frame, self.sent)
         self.sent += 1
-        return stream_pb2.StreamRequest(frame=frame)
+        return stream_pb2.StreamRequest(frame=message)
 
 
 def build_metadata_request(model: str, *, version: int | None = None) -> models_pb2.ModelMetadataRequest:
@@ -325,15 +364,22 @@ def parse_outputs(tensors: Iterable[tensor_pb2.Tensor]) -> dict[str, npt.NDArray
 
 
 def parse_stream_response(response: stream_pb2.StreamResponse) -> StreamResult:
-    """A `StreamResponse` as a `StreamResult`."""
+    """A `StreamResponse` as a `StreamResult`, stamped with the time it is parsed (as received)."""
+    received = time.time_ns()
+    error = None
     if response.HasField("error"):
         code = status_code_from_number(response.error.code)
-        return StreamResult(
-            sequence=response.sequence,
-            error=FrameError(code.name, response.error.message),
-            version=response.version,
-        )
-    return StreamResult(sequence=response.sequence, outputs=parse_outputs(response.outputs), version=response.version)
+        error = FrameError(code.name, response.error.message)
+    return StreamResult(
+        sequence=response.sequence,
+        outputs={} if error is not None else parse_outputs(response.outputs),
+        error=error,
+        version=response.version,
+        capture_time_ns=response.capture_time_ns,
+        received_time_ns=received,
+        dropped=response.dropped,
+        timings=FrameTimings.from_message(response.timings),
+    )
 
 
 def _version_state(value: int) -> str:

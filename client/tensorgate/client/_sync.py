@@ -10,8 +10,9 @@ from typing import Any, Protocol, cast
 import grpc
 import numpy.typing as npt
 
-from tensorgate.client import _common, _health
-from tensorgate.client._common import Inputs, ModelInfo, ModelMetadata, StreamResult
+from tensorgate.client import _common, _health, _tracing
+from tensorgate.client._common import Inputs, ModelInfo, ModelMetadata, StreamFrame, StreamResult
+from tensorgate.client.frames import Preprocessing
 from tensorgate.v1 import models_pb2, models_pb2_grpc, predict_pb2_grpc, stream_pb2, stream_pb2_grpc
 
 __all__ = ["Client"]
@@ -65,7 +66,7 @@ class Client:
             self._channel = grpc.secure_channel(settings.target, settings.credentials, options=settings.options)
         self.address = address
         self.timeout = timeout
-        self._metadata = settings.metadata or None
+        self._fixed_metadata = settings.metadata or None
         self._predict = predict_pb2_grpc.PredictStub(self._channel)
         self._stream = stream_pb2_grpc.StreamStub(self._channel)
         self._models = models_pb2_grpc.ModelsStub(self._channel)
@@ -75,6 +76,11 @@ class Client:
             request_serializer=_health.encode_check_request,
             response_deserializer=_health.decode_check_response,
         )
+
+    @property
+    def _metadata(self) -> _tracing.Metadata | None:
+        """Every call's metadata: the client's own, plus the caller's trace context when OpenTelemetry is installed."""
+        return _tracing.outgoing(self._fixed_metadata)
 
     def predict(
         self,
@@ -114,29 +120,53 @@ class Client:
     def stream(
         self,
         model: str,
-        frames: Iterable[Inputs],
+        frames: Iterable[StreamFrame],
         *,
         version: int | None = None,
         outputs: Iterable[str] | None = None,
+        policy: str | None = None,
+        queue_size: int = 0,
+        max_in_flight: int = 0,
+        preprocessing: Preprocessing | None = None,
         timeout: float | None = None,
     ) -> Generator[StreamResult, None, None]:
         """Send frames over one bidirectional stream and yield their results, in frame order.
 
         Frames are numbered 0, 1, 2, ... in the order `frames` yields them, and are read from it as the stream
-        can take them. A frame the server rejects yields a result with `error` set, and the stream goes on.
+        can take them. The server reads every frame as it arrives and, when they come faster than the model
+        serves them, drops frames per `policy`: a dropped frame gets no result, and the next result counts it
+        in `dropped`. A frame the server rejects yields a result with `error` set, and the stream goes on.
         Leaving the loop early (or calling the generator's `close()`) cancels the stream. An exception raised
         by `frames` is re-raised here after the results of the frames sent before it.
 
         Args:
             model: the model's name.
-            frames: each frame's inputs by name.
+            frames: each frame: its inputs by name, an `Image` (decoded and preprocessed on the server), or a
+                `Frame` (tensors and/or image, and the capture time; other frames are stamped as sent).
             version: the version to use; None lets the server choose.
             outputs: the outputs to return; None returns all of them.
+            policy: "latest" (the server's default when None): only the newest waiting frame is kept, for live
+                cameras; "queue": up to `queue_size` frames wait, the oldest dropped when full; "block": up to
+                `queue_size` frames wait, then the server stops reading and the sender waits; nothing is dropped
+                (for files, and whenever every frame needs its result).
+            queue_size: frames that may wait under "queue" and "block" (0: the server's default, 8).
+            max_in_flight: frames being decoded, queued in the model or run at once (0: the server's default,
+                1 under "latest", else 4).
+            preprocessing: how the server turns `Image` frames into the model's input; None leaves it to the
+                model's config and the input's shape.
             timeout: a deadline for the whole stream in seconds; None (the default) sets none, as a stream
                 lives as long as its source. The client's default timeout does not apply.
         """
         numberer = _common.FrameNumberer()
-        config = _common.build_stream_config(model, version=version, outputs=outputs)
+        config = _common.build_stream_config(
+            model,
+            version=version,
+            outputs=outputs,
+            policy=policy,
+            queue_size=queue_size,
+            max_in_flight=max_in_flight,
+            preprocessing=preprocessing,
+        )
         call = self._stream.Stream(_requests(config, frames, numberer), timeout=timeout, metadata=self._metadata)
         try:
             with _common.rpc_errors():
@@ -203,11 +233,11 @@ class Client:
 
 
 def _requests(
-    config: stream_pb2.StreamRequest, frames: Iterable[Inputs], numberer: _common.FrameNumberer
+    config: stream_pb2.StreamRequest, frames: Iterable[StreamFrame], numberer: _common.FrameNumberer
 ) -> Iterator[stream_pb2.StreamRequest]:
     yield config
     try:
-        for inputs in frames:
-            yield numberer.request(inputs)
+        for frame in frames:
+            yield numberer.request(frame)
     except Exception as exc:  # runs on gRPC's thread: hand it to the caller's thread (see FrameNumberer)
         numberer.error = exc

@@ -6,6 +6,7 @@
     tensorgate predict digits --input image=images.npy --save out/
     tensorgate predict add_sub --json - <<< '{"a": [[1, 2, 3, 4]], "b": [[4, 3, 2, 1]]}'
     tensorgate health
+    tensorgate stream --model digits --source synthetic --fps 30 --duration 10
 
 Exit status: 0 on success; 1 when the server reports an error (printed as `error: CODE: details`) or, for
 `health`, when the status is not SERVING; 2 for a usage error or bad local input (a missing file, bad JSON).
@@ -28,6 +29,7 @@ from typing import Any, cast
 import numpy as np
 import numpy.typing as npt
 
+from tensorgate.client import stream_tool
 from tensorgate.client._common import ModelInfo, ModelMetadata
 from tensorgate.client._sync import Client
 from tensorgate.client.errors import TensorgateClientError
@@ -153,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     health = commands.add_parser("health", parents=[connection], help="gRPC health status; exit 0 only if SERVING")
     health.add_argument("service", nargs="?", default="", help="a service name (default: the whole server)")
     health.set_defaults(run=_run_health)
+
+    stream_tool.add_parser(commands, connection, _client)
     return parser
 
 

@@ -25,23 +25,37 @@ _sym_db = _symbol_database.Default()
 from tensorgate.v1 import tensor_pb2 as tensorgate_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atensorgate/v1/stream.proto\x12\rtensorgate.v1\x1a\x1atensorgate/v1/tensor.proto\"m\n\rStreamRequest\x12-\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1b.tensorgate.v1.StreamConfigH\x00\x12%\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x14.tensorgate.v1.FrameH\x00\x42\x06\n\x04kind\"?\n\x0cStreamConfig\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0f\n\x07outputs\x18\x03 \x03(\t\"@\n\x05\x46rame\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12%\n\x06inputs\x18\x02 \x03(\x0b\x32\x15.tensorgate.v1.Tensor\"+\n\nFrameError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x85\x01\n\x0eStreamResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12&\n\x07outputs\x18\x02 \x03(\x0b\x32\x15.tensorgate.v1.Tensor\x12(\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x19.tensorgate.v1.FrameError\x12\x0f\n\x07version\x18\x04 \x01(\x03\x32S\n\x06Stream\x12I\n\x06Stream\x12\x1c.tensorgate.v1.StreamRequest\x1a\x1d.tensorgate.v1.StreamResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atensorgate/v1/stream.proto\x12\rtensorgate.v1\x1a\x1atensorgate/v1/tensor.proto\"m\n\rStreamRequest\x12-\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1b.tensorgate.v1.StreamConfigH\x00\x12%\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x14.tensorgate.v1.FrameH\x00\x42\x06\n\x04kind\"\xef\x01\n\rPreprocessing\x12\r\n\x05input\x18\x01 \x01(\t\x12(\n\x05\x63olor\x18\x02 \x01(\x0e\x32\x19.tensorgate.v1.ColorOrder\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12%\n\x06layout\x18\x05 \x01(\x0e\x32\x15.tensorgate.v1.Layout\x12&\n\x05\x64type\x18\x06 \x01(\x0e\x32\x17.tensorgate.v1.DataType\x12\x12\n\x05scale\x18\x07 \x01(\x02H\x00\x88\x01\x01\x12\x0c\n\x04mean\x18\x08 \x03(\x02\x12\x0b\n\x03std\x18\t \x03(\x02\x42\x08\n\x06_scale\"\xcf\x01\n\x0cStreamConfig\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0f\n\x07outputs\x18\x03 \x03(\t\x12.\n\x0b\x64rop_policy\x18\x04 \x01(\x0e\x32\x19.tensorgate.v1.DropPolicy\x12\x12\n\nqueue_size\x18\x05 \x01(\r\x12\x15\n\rmax_in_flight\x18\x06 \x01(\r\x12\x33\n\rpreprocessing\x18\x07 \x01(\x0b\x32\x1c.tensorgate.v1.Preprocessing\"`\n\x05Image\x12*\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x1a.tensorgate.v1.ImageFormat\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\"~\n\x05\x46rame\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12%\n\x06inputs\x18\x02 \x03(\x0b\x32\x15.tensorgate.v1.Tensor\x12\x17\n\x0f\x63\x61pture_time_ns\x18\x03 \x01(\x03\x12#\n\x05image\x18\x04 \x01(\x0b\x32\x14.tensorgate.v1.Image\"+\n\nFrameError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"X\n\x0c\x46rameTimings\x12\x11\n\tdecode_ns\x18\x01 \x01(\x03\x12\x10\n\x08queue_ns\x18\x02 \x01(\x03\x12\x10\n\x08infer_ns\x18\x03 \x01(\x03\x12\x11\n\tserver_ns\x18\x04 \x01(\x03\"\xdd\x01\n\x0eStreamResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12&\n\x07outputs\x18\x02 \x03(\x0b\x32\x15.tensorgate.v1.Tensor\x12(\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x19.tensorgate.v1.FrameError\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12\x17\n\x0f\x63\x61pture_time_ns\x18\x05 \x01(\x03\x12,\n\x07timings\x18\x06 \x01(\x0b\x32\x1b.tensorgate.v1.FrameTimings\x12\x0f\n\x07\x64ropped\x18\x07 \x01(\x04*o\n\nDropPolicy\x12\x1b\n\x17\x44ROP_POLICY_UNSPECIFIED\x10\x00\x12\x16\n\x12\x44ROP_POLICY_LATEST\x10\x01\x12\x15\n\x11\x44ROP_POLICY_QUEUE\x10\x02\x12\x15\n\x11\x44ROP_POLICY_BLOCK\x10\x03*\x9b\x01\n\x0bImageFormat\x12\x1c\n\x18IMAGE_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11IMAGE_FORMAT_JPEG\x10\x01\x12\x14\n\x10IMAGE_FORMAT_PNG\x10\x02\x12\x14\n\x10IMAGE_FORMAT_RGB\x10\x03\x12\x14\n\x10IMAGE_FORMAT_BGR\x10\x04\x12\x15\n\x11IMAGE_FORMAT_GRAY\x10\x05*i\n\nColorOrder\x12\x1b\n\x17\x43OLOR_ORDER_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x43OLOR_ORDER_RGB\x10\x01\x12\x13\n\x0f\x43OLOR_ORDER_BGR\x10\x02\x12\x14\n\x10\x43OLOR_ORDER_GRAY\x10\x03*B\n\x06Layout\x12\x16\n\x12LAYOUT_UNSPECIFIED\x10\x00\x12\x0f\n\x0bLAYOUT_NCHW\x10\x01\x12\x0f\n\x0bLAYOUT_NHWC\x10\x02\x32S\n\x06Stream\x12I\n\x06Stream\x12\x1c.tensorgate.v1.StreamRequest\x1a\x1d.tensorgate.v1.StreamResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tensorgate.v1.stream_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_DROPPOLICY']._serialized_start=1221
+  _globals['_DROPPOLICY']._serialized_end=1332
+  _globals['_IMAGEFORMAT']._serialized_start=1335
+  _globals['_IMAGEFORMAT']._serialized_end=1490
+  _globals['_COLORORDER']._serialized_start=1492
+  _globals['_COLORORDER']._serialized_end=1597
+  _globals['_LAYOUT']._serialized_start=1599
+  _globals['_LAYOUT']._serialized_end=1665
   _globals['_STREAMREQUEST']._serialized_start=73
   _globals['_STREAMREQUEST']._serialized_end=182
-  _globals['_STREAMCONFIG']._serialized_start=184
-  _globals['_STREAMCONFIG']._serialized_end=247
-  _globals['_FRAME']._serialized_start=249
-  _globals['_FRAME']._serialized_end=313
-  _globals['_FRAMEERROR']._serialized_start=315
-  _globals['_FRAMEERROR']._serialized_end=358
-  _globals['_STREAMRESPONSE']._serialized_start=361
-  _globals['_STREAMRESPONSE']._serialized_end=494
-  _globals['_STREAM']._serialized_start=496
-  _globals['_STREAM']._serialized_end=579
+  _globals['_PREPROCESSING']._serialized_start=185
+  _globals['_PREPROCESSING']._serialized_end=424
+  _globals['_STREAMCONFIG']._serialized_start=427
+  _globals['_STREAMCONFIG']._serialized_end=634
+  _globals['_IMAGE']._serialized_start=636
+  _globals['_IMAGE']._serialized_end=732
+  _globals['_FRAME']._serialized_start=734
+  _globals['_FRAME']._serialized_end=860
+  _globals['_FRAMEERROR']._serialized_start=862
+  _globals['_FRAMEERROR']._serialized_end=905
+  _globals['_FRAMETIMINGS']._serialized_start=907
+  _globals['_FRAMETIMINGS']._serialized_end=995
+  _globals['_STREAMRESPONSE']._serialized_start=998
+  _globals['_STREAMRESPONSE']._serialized_end=1219
+  _globals['_STREAM']._serialized_start=1667
+  _globals['_STREAM']._serialized_end=1750
 # @@protoc_insertion_point(module_scope)

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from tensorgate.v1 import tensor_pb2 as _tensor_pb2
 import builtins as _builtins
 import sys
@@ -18,6 +19,126 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _DropPolicy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DropPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DropPolicy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DROP_POLICY_UNSPECIFIED: _DropPolicy.ValueType  # 0
+    """The server's default: LATEST."""
+    DROP_POLICY_LATEST: _DropPolicy.ValueType  # 1
+    """Keep only the newest waiting frame: a frame arriving while one waits replaces (drops) it, so every result
+    is of the freshest frame the model could take. For live cameras.
+    """
+    DROP_POLICY_QUEUE: _DropPolicy.ValueType  # 2
+    """Keep up to `queue_size` waiting frames; a frame arriving when they are full drops the oldest waiting one.
+    Rides out short bursts, then behaves like LATEST with a lag of up to `queue_size` frames.
+    """
+    DROP_POLICY_BLOCK: _DropPolicy.ValueType  # 3
+    """Keep up to `queue_size` waiting frames; when they are full, stop reading until one leaves, so flow control
+    slows the sender. Nothing is dropped. For recorded video and other sources that can wait.
+    """
+
+class DropPolicy(_DropPolicy, metaclass=_DropPolicyEnumTypeWrapper):
+    """What the server does with frames that arrive faster than the model serves them. HTTP/2 flow control alone
+    would queue seconds of video on the way, so the server reads every frame as it arrives and applies this.
+    """
+
+DROP_POLICY_UNSPECIFIED: DropPolicy.ValueType  # 0
+"""The server's default: LATEST."""
+DROP_POLICY_LATEST: DropPolicy.ValueType  # 1
+"""Keep only the newest waiting frame: a frame arriving while one waits replaces (drops) it, so every result
+is of the freshest frame the model could take. For live cameras.
+"""
+DROP_POLICY_QUEUE: DropPolicy.ValueType  # 2
+"""Keep up to `queue_size` waiting frames; a frame arriving when they are full drops the oldest waiting one.
+Rides out short bursts, then behaves like LATEST with a lag of up to `queue_size` frames.
+"""
+DROP_POLICY_BLOCK: DropPolicy.ValueType  # 3
+"""Keep up to `queue_size` waiting frames; when they are full, stop reading until one leaves, so flow control
+slows the sender. Nothing is dropped. For recorded video and other sources that can wait.
+"""
+Global___DropPolicy: _TypeAlias = DropPolicy  # noqa: Y015
+
+class _ImageFormat:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ImageFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ImageFormat.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    IMAGE_FORMAT_UNSPECIFIED: _ImageFormat.ValueType  # 0
+    """JPEG or PNG, told apart by the data's signature."""
+    IMAGE_FORMAT_JPEG: _ImageFormat.ValueType  # 1
+    IMAGE_FORMAT_PNG: _ImageFormat.ValueType  # 2
+    IMAGE_FORMAT_RGB: _ImageFormat.ValueType  # 3
+    """Raw 8-bit pixels, row-major, `width` x `height` pixels, no padding: 3 bytes a pixel in R, G, B order."""
+    IMAGE_FORMAT_BGR: _ImageFormat.ValueType  # 4
+    """Raw, 3 bytes a pixel in B, G, R order (OpenCV's)."""
+    IMAGE_FORMAT_GRAY: _ImageFormat.ValueType  # 5
+    """Raw, 1 byte a pixel."""
+
+class ImageFormat(_ImageFormat, metaclass=_ImageFormatEnumTypeWrapper):
+    """How a frame's `image` is encoded."""
+
+IMAGE_FORMAT_UNSPECIFIED: ImageFormat.ValueType  # 0
+"""JPEG or PNG, told apart by the data's signature."""
+IMAGE_FORMAT_JPEG: ImageFormat.ValueType  # 1
+IMAGE_FORMAT_PNG: ImageFormat.ValueType  # 2
+IMAGE_FORMAT_RGB: ImageFormat.ValueType  # 3
+"""Raw 8-bit pixels, row-major, `width` x `height` pixels, no padding: 3 bytes a pixel in R, G, B order."""
+IMAGE_FORMAT_BGR: ImageFormat.ValueType  # 4
+"""Raw, 3 bytes a pixel in B, G, R order (OpenCV's)."""
+IMAGE_FORMAT_GRAY: ImageFormat.ValueType  # 5
+"""Raw, 1 byte a pixel."""
+Global___ImageFormat: _TypeAlias = ImageFormat  # noqa: Y015
+
+class _ColorOrder:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ColorOrderEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ColorOrder.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    COLOR_ORDER_UNSPECIFIED: _ColorOrder.ValueType  # 0
+    """From the model's config, else GRAY for 1 channel and RGB for 3."""
+    COLOR_ORDER_RGB: _ColorOrder.ValueType  # 1
+    COLOR_ORDER_BGR: _ColorOrder.ValueType  # 2
+    COLOR_ORDER_GRAY: _ColorOrder.ValueType  # 3
+
+class ColorOrder(_ColorOrder, metaclass=_ColorOrderEnumTypeWrapper):
+    """The channels a model's image input takes, in order."""
+
+COLOR_ORDER_UNSPECIFIED: ColorOrder.ValueType  # 0
+"""From the model's config, else GRAY for 1 channel and RGB for 3."""
+COLOR_ORDER_RGB: ColorOrder.ValueType  # 1
+COLOR_ORDER_BGR: ColorOrder.ValueType  # 2
+COLOR_ORDER_GRAY: ColorOrder.ValueType  # 3
+Global___ColorOrder: _TypeAlias = ColorOrder  # noqa: Y015
+
+class _Layout:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _LayoutEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Layout.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    LAYOUT_UNSPECIFIED: _Layout.ValueType  # 0
+    """From the model's config, else from the input's shape (a dimension of 1 or 3 first or last)."""
+    LAYOUT_NCHW: _Layout.ValueType  # 1
+    """[batch,] channels, height, width."""
+    LAYOUT_NHWC: _Layout.ValueType  # 2
+    """[batch,] height, width, channels."""
+
+class Layout(_Layout, metaclass=_LayoutEnumTypeWrapper):
+    """Where the channel dimension of a model's image input is."""
+
+LAYOUT_UNSPECIFIED: Layout.ValueType  # 0
+"""From the model's config, else from the input's shape (a dimension of 1 or 3 first or last)."""
+LAYOUT_NCHW: Layout.ValueType  # 1
+"""[batch,] channels, height, width."""
+LAYOUT_NHWC: Layout.ValueType  # 2
+"""[batch,] height, width, channels."""
+Global___Layout: _TypeAlias = Layout  # noqa: Y015
 
 @_typing.final
 class StreamRequest(_message.Message):
@@ -46,20 +167,99 @@ class StreamRequest(_message.Message):
 Global___StreamRequest: _TypeAlias = StreamRequest  # noqa: Y015
 
 @_typing.final
-class StreamConfig(_message.Message):
-    """Fields 4-15 are kept for drop policies and image preprocessing."""
+class Preprocessing(_message.Message):
+    """How an image frame becomes the model's input tensor: decode; convert to the model's colours; resize
+    (bilinear, antialiased) to width x height; value = (pixel * scale - mean[c]) / std[c]; cast to `dtype`; lay out
+    as `layout` with a batch dimension of 1 when the model batches.
 
+    Every field left unset comes from the model's config.pbtxt `parameters` of the same name with an `image_`
+    prefix (image_input, image_color, image_width, image_height, image_layout, image_dtype, image_scale,
+    image_mean, image_std; mean and std as comma-separated numbers), else from the input's shape and dtype.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INPUT_FIELD_NUMBER: _builtins.int
+    COLOR_FIELD_NUMBER: _builtins.int
+    WIDTH_FIELD_NUMBER: _builtins.int
+    HEIGHT_FIELD_NUMBER: _builtins.int
+    LAYOUT_FIELD_NUMBER: _builtins.int
+    DTYPE_FIELD_NUMBER: _builtins.int
+    SCALE_FIELD_NUMBER: _builtins.int
+    MEAN_FIELD_NUMBER: _builtins.int
+    STD_FIELD_NUMBER: _builtins.int
+    input: _builtins.str
+    """The model input the image feeds; empty: the model's only input (or the config's image_input)."""
+    color: Global___ColorOrder.ValueType
+    width: _builtins.int
+    """0: the input's width and height (for a variable size: the image's own)."""
+    height: _builtins.int
+    layout: Global___Layout.ValueType
+    dtype: _tensor_pb2.DataType.ValueType
+    """Unspecified: the input's dtype."""
+    scale: _builtins.float
+    """Unset: 1 (pixels stay 0..255)."""
+    @_builtins.property
+    def mean(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """One value for every channel, or one per channel; unset: 0."""
+
+    @_builtins.property
+    def std(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """One value for every channel, or one per channel; unset: 1."""
+
+    def __init__(
+        self,
+        *,
+        input: _builtins.str = ...,
+        color: Global___ColorOrder.ValueType = ...,
+        width: _builtins.int = ...,
+        height: _builtins.int = ...,
+        layout: Global___Layout.ValueType = ...,
+        dtype: _tensor_pb2.DataType.ValueType = ...,
+        scale: _builtins.float | None = ...,
+        mean: _abc.Iterable[_builtins.float] | None = ...,
+        std: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_scale", b"_scale", "scale", b"scale"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_scale", b"_scale", "color", b"color", "dtype", b"dtype", "height", b"height", "input", b"input", "layout", b"layout", "mean", b"mean", "scale", b"scale", "std", b"std", "width", b"width"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__scale: _TypeAlias = _typing.Literal["scale"]  # noqa: Y015
+    _WhichOneofArgType__scale: _TypeAlias = _typing.Literal["_scale", b"_scale"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__scale) -> _WhichOneofReturnType__scale | None: ...
+
+Global___Preprocessing: _TypeAlias = Preprocessing  # noqa: Y015
+
+@_typing.final
+class StreamConfig(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
+    DROP_POLICY_FIELD_NUMBER: _builtins.int
+    QUEUE_SIZE_FIELD_NUMBER: _builtins.int
+    MAX_IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    PREPROCESSING_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.int
     """0 lets the server choose."""
+    drop_policy: Global___DropPolicy.ValueType
+    queue_size: _builtins.int
+    """QUEUE and BLOCK: how many frames may wait. 0: 8. At most 64."""
+    max_in_flight: _builtins.int
+    """Frames of this stream taken from the waiting ones and not yet answered (being decoded, in the model's
+    batch queue, running, or their result being sent). 0: 1 under LATEST, 4 otherwise. At most 32.
+    """
     @_builtins.property
     def outputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Outputs to return; empty means all of them."""
+
+    @_builtins.property
+    def preprocessing(self) -> Global___Preprocessing:
+        """For frames that carry an `image`.
+        Fields 8-15 are kept for later stream settings.
+        """
 
     def __init__(
         self,
@@ -67,14 +267,49 @@ class StreamConfig(_message.Message):
         model: _builtins.str = ...,
         version: _builtins.int = ...,
         outputs: _abc.Iterable[_builtins.str] | None = ...,
+        drop_policy: Global___DropPolicy.ValueType = ...,
+        queue_size: _builtins.int = ...,
+        max_in_flight: _builtins.int = ...,
+        preprocessing: Global___Preprocessing | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["preprocessing", b"preprocessing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "outputs", b"outputs", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["drop_policy", b"drop_policy", "max_in_flight", b"max_in_flight", "model", b"model", "outputs", b"outputs", "preprocessing", b"preprocessing", "queue_size", b"queue_size", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StreamConfig: _TypeAlias = StreamConfig  # noqa: Y015
+
+@_typing.final
+class Image(_message.Message):
+    """An encoded (JPEG, PNG) or raw image, preprocessed on the server per the stream's `preprocessing`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FORMAT_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    WIDTH_FIELD_NUMBER: _builtins.int
+    HEIGHT_FIELD_NUMBER: _builtins.int
+    format: Global___ImageFormat.ValueType
+    data: _builtins.bytes
+    width: _builtins.int
+    """Raw formats only."""
+    height: _builtins.int
+    def __init__(
+        self,
+        *,
+        format: Global___ImageFormat.ValueType = ...,
+        data: _builtins.bytes = ...,
+        width: _builtins.int = ...,
+        height: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "format", b"format", "height", b"height", "width", b"width"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Image: _TypeAlias = Image  # noqa: Y015
 
 @_typing.final
 class Frame(_message.Message):
@@ -82,19 +317,31 @@ class Frame(_message.Message):
 
     SEQUENCE_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
+    CAPTURE_TIME_NS_FIELD_NUMBER: _builtins.int
+    IMAGE_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Chosen by the sender; results echo it."""
+    capture_time_ns: _builtins.int
+    """When the frame was captured, in nanoseconds since the Unix epoch on the sender's clock; results echo it."""
     @_builtins.property
-    def inputs(self) -> _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]: ...
+    def inputs(self) -> _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]:
+        """The model's inputs as tensors; with `image`, the inputs other than the image's."""
+
+    @_builtins.property
+    def image(self) -> Global___Image:
+        """An image for the model's image input."""
+
     def __init__(
         self,
         *,
         sequence: _builtins.int = ...,
         inputs: _abc.Iterable[_tensor_pb2.Tensor] | None = ...,
+        capture_time_ns: _builtins.int = ...,
+        image: Global___Image | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["image", b"image"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture_time_ns", b"capture_time_ns", "image", b"image", "inputs", b"inputs", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -126,6 +373,40 @@ class FrameError(_message.Message):
 Global___FrameError: _TypeAlias = FrameError  # noqa: Y015
 
 @_typing.final
+class FrameTimings(_message.Message):
+    """Where a frame's time on the server went, in nanoseconds."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DECODE_NS_FIELD_NUMBER: _builtins.int
+    QUEUE_NS_FIELD_NUMBER: _builtins.int
+    INFER_NS_FIELD_NUMBER: _builtins.int
+    SERVER_NS_FIELD_NUMBER: _builtins.int
+    decode_ns: _builtins.int
+    """Decoding and preprocessing its image (or decoding its tensors)."""
+    queue_ns: _builtins.int
+    """Waiting: among the stream's waiting frames, then in the model's batch queue."""
+    infer_ns: _builtins.int
+    """Running the batch that held it."""
+    server_ns: _builtins.int
+    """From its arrival at the server to its result being ready to send."""
+    def __init__(
+        self,
+        *,
+        decode_ns: _builtins.int = ...,
+        queue_ns: _builtins.int = ...,
+        infer_ns: _builtins.int = ...,
+        server_ns: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decode_ns", b"decode_ns", "infer_ns", b"infer_ns", "queue_ns", b"queue_ns", "server_ns", b"server_ns"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FrameTimings: _TypeAlias = FrameTimings  # noqa: Y015
+
+@_typing.final
 class StreamResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -133,15 +414,24 @@ class StreamResponse(_message.Message):
     OUTPUTS_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    CAPTURE_TIME_NS_FIELD_NUMBER: _builtins.int
+    TIMINGS_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     version: _builtins.int
     """The version that served the frame."""
+    capture_time_ns: _builtins.int
+    """The frame's capture_time_ns, echoed."""
+    dropped: _builtins.int
+    """Frames of this stream the server dropped since the previous result (they were older than this frame)."""
     @_builtins.property
     def outputs(self) -> _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]: ...
     @_builtins.property
     def error(self) -> Global___FrameError:
         """Set instead of `outputs` when this frame failed."""
 
+    @_builtins.property
+    def timings(self) -> Global___FrameTimings: ...
     def __init__(
         self,
         *,
@@ -149,10 +439,13 @@ class StreamResponse(_message.Message):
         outputs: _abc.Iterable[_tensor_pb2.Tensor] | None = ...,
         error: Global___FrameError | None = ...,
         version: _builtins.int = ...,
+        capture_time_ns: _builtins.int = ...,
+        timings: Global___FrameTimings | None = ...,
+        dropped: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "timings", b"timings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "outputs", b"outputs", "sequence", b"sequence", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture_time_ns", b"capture_time_ns", "dropped", b"dropped", "error", b"error", "outputs", b"outputs", "sequence", b"sequence", "timings", b"timings", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

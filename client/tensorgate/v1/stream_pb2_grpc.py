@@ -46,7 +46,8 @@ class StreamServicer:
 
     def Stream(self, request_iterator, context):
         """The first message must carry `config`; every later one carries a `frame`. Results come back in frame order,
-        each with its frame's sequence number. A bad frame gets an error result and the stream goes on.
+        each with its frame's sequence number. A bad frame gets an error result and the stream goes on. Frames the
+        server drops (per the stream's drop policy) get no result; the next result counts them in `dropped`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

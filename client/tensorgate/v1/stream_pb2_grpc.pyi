@@ -33,7 +33,8 @@ class StreamStub:
     def __new__(cls, channel: _aio.Channel) -> StreamAsyncStub: ...
     Stream: _grpc.StreamStreamMultiCallable[_stream_pb2.StreamRequest, _stream_pb2.StreamResponse]
     """The first message must carry `config`; every later one carries a `frame`. Results come back in frame order,
-    each with its frame's sequence number. A bad frame gets an error result and the stream goes on.
+    each with its frame's sequence number. A bad frame gets an error result and the stream goes on. Frames the
+    server drops (per the stream's drop policy) get no result; the next result counts them in `dropped`.
     """
 
 @_typing.type_check_only
@@ -41,7 +42,8 @@ class StreamAsyncStub(StreamStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Stream: _aio.StreamStreamMultiCallable[_stream_pb2.StreamRequest, _stream_pb2.StreamResponse]  # type: ignore[assignment]
     """The first message must carry `config`; every later one carries a `frame`. Results come back in frame order,
-    each with its frame's sequence number. A bad frame gets an error result and the stream goes on.
+    each with its frame's sequence number. A bad frame gets an error result and the stream goes on. Frames the
+    server drops (per the stream's drop policy) get no result; the next result counts them in `dropped`.
     """
 
 class StreamServicer(metaclass=_abc_1.ABCMeta):
@@ -52,7 +54,8 @@ class StreamServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_stream_pb2.StreamResponse], _abc.AsyncIterator[_stream_pb2.StreamResponse]]:
         """The first message must carry `config`; every later one carries a `frame`. Results come back in frame order,
-        each with its frame's sequence number. A bad frame gets an error result and the stream goes on.
+        each with its frame's sequence number. A bad frame gets an error result and the stream goes on. Frames the
+        server drops (per the stream's drop policy) get no result; the next result counts them in `dropped`.
         """
 
 def add_StreamServicer_to_server(servicer: StreamServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -9,14 +9,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # stubs predate aio
 from grpc_reflection.v1alpha import reflection
 
+from tensorgate.oip import grpc_service_pb2, grpc_service_pb2_grpc
 from tensorgate.server.api.codec import RequestIds
 from tensorgate.server.api.interceptors import ErrorInterceptor
 from tensorgate.server.api.models import ModelsServicer
+from tensorgate.server.api.oip import InferenceServicer
 from tensorgate.server.api.predict import PredictServicer
 from tensorgate.server.api.stream import StreamServicer
 from tensorgate.server.inference import InferenceService
 from tensorgate.server.repository import Repository, RepositorySettings
 from tensorgate.server.settings import ServerSettings
+from tensorgate.server.streams import StreamRegistry
+from tensorgate.server.telemetry import Telemetry
 from tensorgate.v1 import (
     models_pb2,
     models_pb2_grpc,
@@ -34,6 +38,7 @@ SERVICE_NAMES = (
     predict_pb2.DESCRIPTOR.services_by_name["Predict"].full_name,
     stream_pb2.DESCRIPTOR.services_by_name["Stream"].full_name,
     models_pb2.DESCRIPTOR.services_by_name["Models"].full_name,
+    grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
 )
 
 
@@ -53,6 +58,8 @@ class Server:
 
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
+        #: Tracing, metrics and the access log, as the settings ask (ValueError for nonsensical ones).
+        self.telemetry = Telemetry(settings)
         self.repository = Repository(
             settings.repository,
             RepositorySettings(
@@ -60,10 +67,14 @@ class Server:
                 default_max_batch_size=settings.default_max_batch_size,
                 intra_op_threads=settings.intra_op_threads,
             ),
+            instrumentation=self.telemetry.instrumentation,
         )
         self.health = health_aio.HealthServicer()
+        #: The open streams of the Stream service, and the stream limit.
+        self.streams = StreamRegistry(settings.max_streams)
         self.address = ""
         self._server: grpc.aio.Server | None = None
+        self._draining = False
 
     async def start(self) -> str:
         """Load the repository, bind, start serving; return the bound HOST:PORT (the real port for port 0)."""
@@ -71,8 +82,9 @@ class Server:
         await self.repository.load()
         limit = self.settings.max_message_bytes
         server = grpc.aio.server(
-            # Innermost last: the error interceptor caches handlers (see its docstring).
-            interceptors=[ErrorInterceptor()],
+            # Innermost last: the error interceptor caches handlers (see its docstring). Telemetry sits outside it,
+            # so it sees each call's final status code.
+            interceptors=[*filter(None, [self.telemetry.interceptor(self.repository)]), ErrorInterceptor()],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
@@ -81,11 +93,22 @@ class Server:
             ],
             maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs or None,
         )
-        service = InferenceService(self.repository)
+        service = InferenceService(self.repository, self.telemetry.probe)
         request_ids = RequestIds()
         predict_pb2_grpc.add_PredictServicer_to_server(PredictServicer(service, request_ids), server)
-        stream_pb2_grpc.add_StreamServicer_to_server(StreamServicer(service, request_ids), server)
+        stream_pb2_grpc.add_StreamServicer_to_server(
+            StreamServicer(service, request_ids, registry=self.streams), server
+        )
         models_pb2_grpc.add_ModelsServicer_to_server(ModelsServicer(self.repository), server)
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(
+                service,
+                request_ids,
+                serving=lambda: not self._draining,
+                model_changed=self._publish_model_health,
+            ),
+            server,
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (
@@ -98,6 +121,11 @@ class Server:
         port = server.add_insecure_port(self.settings.address)
         if port == 0:
             raise OSError(f"cannot listen on {self.settings.address}")
+        try:
+            self.telemetry.start(self.repository, host, port)
+        except BaseException:
+            self.telemetry.stop()
+            raise
         await server.start()
         self._server = server
         self.address = f"{host}:{port}"
@@ -113,13 +141,21 @@ class Server:
         for entry in self.repository.models():
             await self.health.set(entry.name, serving if entry.ready else not_serving)
 
+    async def _publish_model_health(self, name: str) -> None:
+        """One model's health status, after it was loaded or unloaded."""
+        ready = self.repository.model(name).ready
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set(name, status)
+
     async def stop(self, grace: float | None = None) -> None:
         """Drain and stop: NOT_SERVING, refuse new calls, let in-flight ones finish within `grace` seconds."""
         grace = self.settings.grace_period if grace is None else grace
+        self._draining = True
         await self.health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace)
         await self.repository.close(drain=True)
+        self.telemetry.stop()
         log.info("stopped")
 
     async def wait_for_termination(self) -> None:

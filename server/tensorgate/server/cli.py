@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import signal
 import sys
 from collections.abc import Sequence
@@ -14,6 +13,7 @@ from pathlib import Path
 from tensorgate.server.app import Server
 from tensorgate.server.errors import TensorgateError
 from tensorgate.server.settings import ENV_PREFIX, ServerSettings
+from tensorgate.server.telemetry.logging import configure as configure_logging
 
 __all__ = ["main"]
 
@@ -29,11 +29,14 @@ def _parser() -> argparse.ArgumentParser:
     defaults = ServerSettings()
     for field in fields(ServerSettings):
         doc = _FIELD_HELP.get(field.name, "")
+        # A bare boolean flag (--tracing) means true; --tracing false also works, like the variable.
+        switch = {"nargs": "?", "const": "true"} if isinstance(getattr(defaults, field.name), bool) else {}
         parser.add_argument(
             f"--{field.name.replace('_', '-')}",
             dest=field.name,
             default=None,
             metavar=field.name.upper(),
+            **switch,  # type: ignore[arg-type]
             help=f"{doc} [env {ENV_PREFIX}{field.name.upper()}; default {getattr(defaults, field.name)}]",
         )
     return parser
@@ -48,7 +51,14 @@ _FIELD_HELP = {
     "default_max_batch_size": "max_batch_size for models without config.pbtxt",
     "intra_op_threads": "ONNX Runtime threads per instance per operator (0: its choice)",
     "max_concurrent_rpcs": "calls served at once, the rest refused (0: no limit)",
+    "max_streams": "Stream calls served at once, the rest refused (0: no limit)",
     "log_level": "logging level",
+    "log_format": "log lines as text or json (with trace id, span id, request id)",
+    "access_log": "one log line per call (logger tensorgate.access)",
+    "metrics_address": "HOST:PORT of the Prometheus /metrics endpoint; empty: off; port 0 picks a free port",
+    "tracing": "OpenTelemetry tracing, exported per OTEL_TRACES_EXPORTER / OTEL_EXPORTER_OTLP_*",
+    "trace_sample_ratio": "share of new traces recorded (a caller's sampled traceparent is always followed)",
+    "trace_frame_ratio": "share of a traced stream's frames that get their own span",
 }
 
 
@@ -60,11 +70,16 @@ def _describe(server: Server) -> list[str]:
         for version in entry.versions.values():
             detail = version.engine_description if version.ready else version.reason
             lines.append(f"  {entry.name} version {version.version}: {version.state.value} ({detail})")
+    lines += [f"  {note}" for note in server.telemetry.notes]
     return lines
 
 
 async def _serve(settings: ServerSettings) -> int:
-    server = Server(settings)
+    try:
+        server = Server(settings)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         await server.start()
     except (OSError, ValueError, TensorgateError) as exc:
@@ -91,11 +106,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    try:
+        configure_logging(settings.log_level, settings.log_format)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return asyncio.run(_serve(settings))
 
 

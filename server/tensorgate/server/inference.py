@@ -6,14 +6,17 @@ API adapters decode their protobuf into an `InferenceRequest`, call `InferenceSe
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy.typing as npt
 
-from tensorgate.server.repository import Repository
+from tensorgate.server.batching import RequestTimes
+from tensorgate.server.errors import TensorgateError
+from tensorgate.server.repository import ModelVersion, Repository
 
-__all__ = ["InferenceRequest", "InferenceResult", "InferenceService"]
+__all__ = ["InferenceProbe", "InferenceRequest", "InferenceResult", "InferenceService"]
 
 
 @dataclass(slots=True)
@@ -31,6 +34,8 @@ class InferenceRequest:
     deadline: float | None = None
     #: 1 is the highest; 0 takes the model's default level.
     priority: int = 0
+    #: Filled in with the request's queue and batch times once it has run, when given.
+    times: RequestTimes | None = None
 
 
 @dataclass(slots=True)
@@ -42,11 +47,18 @@ class InferenceResult:
     outputs: dict[str, npt.NDArray[Any]]
 
 
-class InferenceService:
-    """Runs requests against the models of one repository."""
+class InferenceProbe(Protocol):
+    """Telemetry around each request (`tensorgate.server.telemetry`): it calls `route` and `run` itself."""
 
-    def __init__(self, repository: Repository) -> None:
+    async def infer(self, service: InferenceService, request: InferenceRequest) -> InferenceResult: ...
+
+
+class InferenceService:
+    """Runs requests against the models of one repository; `probe`, when given, observes every request."""
+
+    def __init__(self, repository: Repository, probe: InferenceProbe | None = None) -> None:
         self.repository = repository
+        self._probe = probe
 
     async def infer(self, request: InferenceRequest) -> InferenceResult:
         """Route, check and run one request through its model's batcher.
@@ -54,18 +66,36 @@ class InferenceService:
         Raises the server's errors: ModelNotFoundError, InvalidInputError (naming the tensor),
         ResourceExhaustedError, DeadlineExceededError, UnavailableError, EngineFailedError.
         """
-        target = self.repository.resolve(request.model, request.version)
+        if self._probe is not None:
+            return await self._probe.infer(self, request)
+        return await self.run(self.route(request), request)
+
+    def route(self, request: InferenceRequest) -> ModelVersion:
+        """The `route` stage: the ready model version the request goes to."""
+        return self.repository.resolve(request.model, request.version)
+
+    async def run(self, target: ModelVersion, request: InferenceRequest, *, tag: object = None) -> InferenceResult:
+        """Check and run a routed request through `target`'s batcher; `tag` goes to the batch (`current_batch`)."""
         signature, batcher = target.signature, target.batcher
         # A ready version always has both; the check keeps the types honest.
         assert signature is not None
         assert batcher is not None
-        signature.check_request(request.inputs, request.outputs)
-        outputs = await batcher.submit(
-            request.inputs,
-            deadline=request.deadline,
-            priority=request.priority,
-            request_id=request.request_id,
-        )
+        statistics = target.statistics
+        started = time.perf_counter_ns()
+        try:
+            signature.check_request(request.inputs, request.outputs)
+            outputs = await batcher.submit(
+                request.inputs,
+                deadline=request.deadline,
+                priority=request.priority,
+                request_id=request.request_id,
+                tag=tag,
+                times=request.times,
+            )
+        except TensorgateError:
+            statistics.request_failed(time.perf_counter_ns() - started)
+            raise
+        statistics.request_succeeded(time.perf_counter_ns() - started)
         if request.outputs:
             outputs = {name: outputs[name] for name in request.outputs}
         return InferenceResult(target.name, target.version, outputs)

@@ -14,6 +14,22 @@ __all__ = ["ENV_PREFIX", "ServerSettings"]
 ENV_PREFIX = "TENSORGATE_"
 
 
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off", ""})
+
+
+def _boolean(value: Any) -> bool:
+    """A bool from a flag, a variable or TOML: true/false, yes/no, on/off, 1/0 (bool("false") would be True)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError(value)
+
+
 @dataclass(frozen=True, slots=True)
 class ServerSettings:
     """Everything the server can be told. Each field is also `--flag-name` and `TENSORGATE_FIELD_NAME`."""
@@ -34,8 +50,22 @@ class ServerSettings:
     intra_op_threads: int = 0
     #: Calls served at once; the excess is refused with RESOURCE_EXHAUSTED. 0 means no limit.
     max_concurrent_rpcs: int = 0
+    #: Camera/frame streams served at once; a stream past it is refused with RESOURCE_EXHAUSTED. 0 means no limit.
+    max_streams: int = 256
     #: Python logging level name.
     log_level: str = "INFO"
+    #: Log line format: "text" or "json" (one object per line, with trace id, span id and request id).
+    log_format: str = "text"
+    #: One log line per call (logger `tensorgate.access`): peer, method, status, duration, model, ids.
+    access_log: bool = False
+    #: HOST:PORT of the Prometheus /metrics endpoint; empty: no metrics; port 0 picks a free port (printed).
+    metrics_address: str = ""
+    #: OpenTelemetry tracing; exporters from OTEL_* (OTEL_TRACES_EXPORTER, OTEL_EXPORTER_OTLP_*).
+    tracing: bool = False
+    #: Share of traces started here (calls without a sampled `traceparent`) that are recorded, 0..1.
+    trace_sample_ratio: float = 1.0
+    #: Share of a traced stream's frames that get a span of their own, 0..1.
+    trace_frame_ratio: float = 0.01
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -51,7 +81,7 @@ class ServerSettings:
                 raise ValueError(f"unknown setting {name!r} (known: {', '.join(self.field_names())})")
             kind = type(getattr(defaults, name))
             try:
-                converted[name] = kind(value)
+                converted[name] = _boolean(value) if kind is bool else kind(value)
             except (TypeError, ValueError):
                 raise ValueError(f"setting {name!r}: {value!r} is not a valid {kind.__name__}") from None
         return replace(self, **converted)

@@ -98,13 +98,14 @@ def _wrap_stream(
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Maps TensorgateError to its status code for methods under `prefixes` (our own services).
+    """Maps TensorgateError to its status code for methods under `prefixes` (our own services, and the Open
+    Inference Protocol's `inference.` service).
 
     Wrapped handlers are cached per method, so this must be the innermost interceptor: a cached call does not
     call `continuation` again.
     """
 
-    def __init__(self, prefixes: tuple[str, ...] = ("/tensorgate.",)) -> None:
+    def __init__(self, prefixes: tuple[str, ...] = ("/tensorgate.", "/inference.")) -> None:
         self._prefixes = prefixes
         self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 

@@ -6,6 +6,8 @@ from tensorgate.server.batching.batcher import (
     Array,
     Batcher,
     BatchInfo,
+    BatchObserver,
+    RequestTimes,
     RunBatch,
     current_batch,
 )
@@ -15,11 +17,13 @@ from tensorgate.server.batching.settings import BatcherSettings
 __all__ = [
     "Array",
     "BatchInfo",
+    "BatchObserver",
     "Batcher",
     "BatcherSettings",
     "Clock",
     "FakeClock",
     "MonotonicClock",
+    "RequestTimes",
     "RunBatch",
     "current_batch",
 ]

@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -43,7 +43,16 @@ from tensorgate.server.errors import (
     UnavailableError,
 )
 
-__all__ = ["Array", "BatchInfo", "Batcher", "BatcherSettings", "RunBatch", "current_batch"]
+__all__ = [
+    "Array",
+    "BatchInfo",
+    "BatchObserver",
+    "Batcher",
+    "BatcherSettings",
+    "RequestTimes",
+    "RunBatch",
+    "current_batch",
+]
 
 Array = npt.NDArray[Any]
 RunBatch = Callable[[int, dict[str, Array]], Awaitable[Mapping[str, Array]]]
@@ -72,6 +81,25 @@ class BatchInfo:
     request_ids: tuple[str, ...]
     tags: tuple[object, ...]
     """Each member's `submit(tag=...)`, in batch order."""
+
+
+@dataclass(slots=True)
+class RequestTimes:
+    """Where one request's time went, filled in by `submit(times=...)` once its batch has run (clock seconds)."""
+
+    queued: float = 0.0
+    """From `submit` to its batch starting."""
+    infer: float = 0.0
+    """Its batch in `run_batch`."""
+
+
+class BatchObserver(Protocol):
+    """Told about every batch that ran successfully (e.g. to keep statistics). Called on the event loop."""
+
+    def batch_ran(self, rows: int, requests: int, queued: float, gather: float, infer: float, scatter: float) -> None:
+        """`queued`: seconds the requests waited in the queue, summed over them; `gather`, `infer`, `scatter`:
+        seconds spent concatenating the inputs, in `run_batch`, and splitting the outputs (clock seconds)."""
+        ...
 
 
 # (instance, rows, members): BatchInfo is only built when asked for, off the hot path.
@@ -112,6 +140,7 @@ class _Request:
         "seq",
         "state",
         "tag",
+        "times",
     )
 
     def __init__(
@@ -125,6 +154,7 @@ class _Request:
         future: asyncio.Future[dict[str, Array]],
         request_id: str,
         tag: object,
+        times: RequestTimes | None = None,
     ) -> None:
         self.inputs = inputs
         self.rows = rows
@@ -135,6 +165,7 @@ class _Request:
         self.future = future
         self.request_id = request_id
         self.tag = tag
+        self.times = times
         self.state = _QUEUED
 
 
@@ -161,9 +192,16 @@ class Batcher:
     """
 
     def __init__(
-        self, run_batch: RunBatch, settings: BatcherSettings, *, clock: Clock | None = None, name: str = ""
+        self,
+        run_batch: RunBatch,
+        settings: BatcherSettings,
+        *,
+        clock: Clock | None = None,
+        name: str = "",
+        observer: BatchObserver | None = None,
     ) -> None:
         self._run_batch = run_batch
+        self._observer = observer
         self._settings = settings
         self._clock: Clock = clock if clock is not None else MonotonicClock()
         self._name = name
@@ -262,11 +300,13 @@ class Batcher:
         priority: int = 0,
         request_id: str = "",
         tag: object = None,
+        times: RequestTimes | None = None,
     ) -> dict[str, Array]:
         """Queue one request and return its outputs (its own rows only, as views; see the class docstring).
 
         `deadline` is absolute on the batcher's clock. `priority` 0 means `default_priority`. `tag` is opaque,
-        handed to `run_batch` through `current_batch()` (e.g. the request's trace context). With
+        handed to `run_batch` through `current_batch()` (e.g. the request's trace context). `times`, when given,
+        is filled in before the result is returned. With
         `max_batch_size > 0`, every input must have the same dim-0 size (the request's rows).
         """
         if self._state != _STARTED:
@@ -297,7 +337,7 @@ class Batcher:
             group = level[key] = _Group(key)
         assert self._loop is not None
         future: asyncio.Future[dict[str, Array]] = self._loop.create_future()
-        request = _Request(inputs, rows, group, next(self._seq), now, deadline, future, request_id, tag)
+        request = _Request(inputs, rows, group, next(self._seq), now, deadline, future, request_id, tag, times)
         group.requests.append(request)
         group.rows += rows
         self._queued += 1
@@ -512,8 +552,10 @@ class Batcher:
         rows = batch[0].rows if count == 1 else sum(request.rows for request in batch)
         self._in_flight += count
         token = _current_batch.set((instance, rows, batch))
+        now = self._clock.now
         try:
             try:
+                started = now()
                 if count == 1:
                     inputs = batch[0].inputs  # as given: no copy (and untouched when max_batch_size is 0)
                 else:
@@ -521,8 +563,11 @@ class Batcher:
                         name: np.concatenate([request.inputs[name] for request in batch], axis=0)
                         for name in batch[0].inputs
                     }
+                gathered = now()
                 outputs = await self._run_batch(instance, inputs)
+                ran = now()
                 results = self._scatter(batch, rows, outputs)
+                scattered = now()
             except asyncio.CancelledError:
                 for request in batch:
                     if not request.future.done():
@@ -544,8 +589,14 @@ class Batcher:
                         request.future.set_exception(error)
                 return
             for request, result in zip(batch, results, strict=True):
+                if request.times is not None:
+                    request.times.queued = started - request.arrival
+                    request.times.infer = ran - gathered
                 if not request.future.done():  # the caller may have been cancelled meanwhile
                     request.future.set_result(result)
+            if self._observer is not None:
+                queued = started * count - sum(request.arrival for request in batch)
+                self._observer.batch_ran(rows, count, queued, gathered - started, ran - gathered, scattered - ran)
         finally:
             self._in_flight -= count
             _current_batch.reset(token)

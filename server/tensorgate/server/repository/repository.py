@@ -4,6 +4,7 @@
     <root>/<model>/<version>/model.onnx  (or model.plan, or the config's default_model_filename)
 
 One broken model never stops the others: it is listed as not ready, with the reason naming the file.
+Models can be loaded (or reloaded) and unloaded one at a time while serving: `load_model`, `unload_model`.
 """
 
 from __future__ import annotations
@@ -14,14 +15,15 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy.typing as npt
 
 from tensorgate.engines import Engine, EngineError, EngineSettings, create_engine, registration
 from tensorgate.engines.registry import platform_for_backend, registered_platforms
+from tensorgate.server.batching import batcher as batching
 from tensorgate.server.batching.batcher import Batcher, BatcherSettings
-from tensorgate.server.errors import ModelConfigError, ModelNotFoundError, UnavailableError
+from tensorgate.server.errors import InvalidInputError, ModelConfigError, ModelNotFoundError, UnavailableError
 from tensorgate.server.repository.config import (
     CONFIG_FILENAME,
     ModelConfig,
@@ -29,8 +31,9 @@ from tensorgate.server.repository.config import (
     read_config,
     reconcile,
 )
+from tensorgate.server.statistics import VersionStatistics
 
-__all__ = ["ModelEntry", "ModelVersion", "Repository", "RepositorySettings", "VersionState"]
+__all__ = ["BatchInstrumentation", "ModelEntry", "ModelVersion", "Repository", "RepositorySettings", "VersionState"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,7 @@ class ModelVersion:
     signature: ModelSignature | None = None
     engine: Engine | None = None
     batcher: Batcher | None = None
+    statistics: VersionStatistics = field(default_factory=VersionStatistics)
 
     @property
     def ready(self) -> bool:
@@ -150,6 +154,15 @@ def _batcher_settings(config: ModelConfig, engine: Engine, settings: RepositoryS
     )
 
 
+async def _retire(versions: list[ModelVersion], *, drain: bool) -> None:
+    """Take ready versions out of service: stop their batchers (finishing queued work when `drain`), free engines."""
+    versions = [version for version in versions if version.ready]
+    for version in versions:
+        version.state = VersionState.UNLOADING
+    await asyncio.gather(*(v.batcher.stop(drain=drain) for v in versions if v.batcher is not None))
+    await asyncio.gather(*(v.engine.close() for v in versions if v.engine is not None))
+
+
 RunBatch = Callable[[int, dict[str, npt.NDArray[Any]]], Awaitable[dict[str, npt.NDArray[Any]]]]
 
 
@@ -160,13 +173,34 @@ def _runner(engine: Engine) -> RunBatch:
     return run_batch
 
 
+class BatchInstrumentation(Protocol):
+    """Wraps each version's batch runner and batch observer (telemetry: `tensorgate.server.telemetry`)."""
+
+    def instrument(
+        self,
+        model: str,
+        version: int,
+        engine: Engine,
+        run_batch: batching.RunBatch,
+        observer: batching.BatchObserver,
+    ) -> tuple[batching.RunBatch, batching.BatchObserver]: ...
+
+
 class Repository:
     """Loads every model under `root` and resolves requests to a ready version."""
 
-    def __init__(self, root: Path, settings: RepositorySettings | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        settings: RepositorySettings | None = None,
+        instrumentation: BatchInstrumentation | None = None,
+    ) -> None:
         self.root = root
         self.settings = settings or RepositorySettings()
+        self._instrumentation = instrumentation
         self._models: dict[str, ModelEntry] = {}
+        # One load or unload at a time: each replaces a whole entry.
+        self._changing = asyncio.Lock()
 
     async def load(self) -> None:
         """Load every model directory, concurrently. Failures are recorded per model, never raised."""
@@ -222,7 +256,16 @@ class Repository:
                 default_max_batch_size=self.settings.default_max_batch_size,
             )
             await engine.warmup()
-            batcher = Batcher(_runner(engine), _batcher_settings(completed, engine, self.settings), name=entry.name)
+            run_batch: batching.RunBatch = _runner(engine)
+            observer: batching.BatchObserver = version.statistics
+            if self._instrumentation is not None:
+                run_batch, observer = self._instrumentation.instrument(entry.name, number, engine, run_batch, observer)
+            batcher = Batcher(
+                run_batch,
+                _batcher_settings(completed, engine, self.settings),
+                name=entry.name,
+                observer=observer,
+            )
             await batcher.start()
         except (EngineError, ModelConfigError, ValueError) as exc:
             if engine is not None:
@@ -239,6 +282,44 @@ class Repository:
         version.state = VersionState.READY
         log.info("model %s version %d ready on %s", entry.name, number, engine.description)
         return version
+
+    async def load_model(self, name: str) -> ModelEntry:
+        """Load the model directory `<root>/<name>`, or reload it when it is already loaded; return its entry.
+
+        A reload loads every version afresh beside the serving ones, switches traffic to them, then drains and
+        frees the old ones. Raises InvalidInputError for a name that is not a plain directory name,
+        ModelNotFoundError when there is no such directory, and ModelConfigError (with the reasons) when no
+        version could be loaded; a model that was serving keeps serving then.
+        """
+        if not name or name != Path(name).name or name.startswith("."):
+            raise InvalidInputError(f"model name {name!r} is not a directory name")
+        model_dir = self.root / name
+        if not model_dir.is_dir():
+            raise ModelNotFoundError(f"no model directory {name!r} in the repository {self.root}")
+        async with self._changing:
+            entry = await self._load_model(model_dir)
+            old = self._models.get(name)
+            if not entry.ready:
+                if old is None or not old.ready:
+                    self._models[name] = entry  # listed as not ready, with the reason
+                reasons = entry.reason or "; ".join(v.reason for v in entry.versions.values() if v.reason)
+                raise ModelConfigError(f"model {name!r} did not load: {reasons or 'no version to load'}")
+            self._models[name] = entry
+            if old is not None:
+                await _retire(list(old.versions.values()), drain=True)
+            return entry
+
+    async def unload_model(self, name: str) -> None:
+        """Stop serving the model `name`: new requests get UNAVAILABLE at once, queued ones still run, then its
+        engines are freed. It stays listed, with no versions and the reason "unloaded", until loaded again.
+
+        Raises ModelNotFoundError for an unknown model.
+        """
+        async with self._changing:
+            entry = self.model(name)
+            entry.reason = "unloading"  # what requests that find no ready version meanwhile are told
+            await _retire(list(entry.versions.values()), drain=True)
+            self._models[name] = ModelEntry(name, entry.platform, reason="unloaded")
 
     def models(self) -> list[ModelEntry]:
         """Every model directory found, by name."""
@@ -276,8 +357,4 @@ class Repository:
 
     async def close(self, *, drain: bool = True) -> None:
         """Stop every batcher (finishing queued work when `drain`), then free every engine."""
-        versions = [v for entry in self._models.values() for v in entry.versions.values() if v.ready]
-        for version in versions:
-            version.state = VersionState.UNLOADING
-        await asyncio.gather(*(v.batcher.stop(drain=drain) for v in versions if v.batcher is not None))
-        await asyncio.gather(*(v.engine.close() for v in versions if v.engine is not None))
+        await _retire([v for entry in self._models.values() for v in entry.versions.values()], drain=drain)
