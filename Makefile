@@ -32,7 +32,7 @@ $(TRITON_STAMP): $(TRITON_REQUIREMENTS) | $(STAMP)
 
 install: $(STAMP) $(TRITON_STAMP) ## create .venv (server, client, tools) and .venv/triton (tritonclient, for tests)
 
-run: install ## serve the bundled example models on $(ADDRESS) until Ctrl-C
+run: $(STAMP) ## serve examples/models on 127.0.0.1:8001 until Ctrl-C (ADDRESS=, REPOSITORY= to change)
 	$(BIN)/tensorgate serve --address $(ADDRESS) --repository $(REPOSITORY)
 
 test: install lint ## lint, then run the whole test suite (unit + integration)
@@ -41,7 +41,7 @@ test: install lint ## lint, then run the whole test suite (unit + integration)
 test-gpu: install ## run the tests that need a real NVIDIA GPU
 	$(BIN)/pytest -m gpu tests/gpu
 
-lint: install ## ruff (lint + format check) and mypy strict
+lint: $(STAMP) ## ruff (lint + format check) and mypy strict
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy client/tensorgate server/tensorgate engines/tensorgate tests bench examples proto
