@@ -13,8 +13,10 @@ TRITON_REQUIREMENTS := tests/integration/tritonclient-requirements.txt
 PERF_ANALYZER ?= ../shared/tools/perf_analyzer
 ADDRESS ?= 127.0.0.1:8001
 REPOSITORY ?= examples/models
+# Prometheus /metrics of `make run`; empty turns metrics off.
+METRICS_ADDRESS ?= 127.0.0.1:8002
 
-.PHONY: help install run test test-gpu lint format proto models bench clean
+.PHONY: help install run test test-gpu lint format proto models bench compose clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -32,10 +34,11 @@ $(TRITON_STAMP): $(TRITON_REQUIREMENTS) | $(STAMP)
 
 install: $(STAMP) $(TRITON_STAMP) ## create .venv (server, client, tools) and .venv/triton (tritonclient, for tests)
 
-run: $(STAMP) ## serve examples/models on 127.0.0.1:8001 until Ctrl-C (ADDRESS=, REPOSITORY= to change)
-	$(BIN)/tensorgate serve --address $(ADDRESS) --repository $(REPOSITORY)
+run: $(STAMP) ## serve examples/models on 127.0.0.1:8001 (metrics on :8002) until Ctrl-C (ADDRESS=, REPOSITORY=, METRICS_ADDRESS=)
+	$(BIN)/tensorgate serve --address $(ADDRESS) --repository $(REPOSITORY) --metrics-address "$(METRICS_ADDRESS)"
 
 test: install lint ## lint, then run the whole test suite (unit + integration)
+	@command -v docker-compose >/dev/null || { apt-get update -qq && apt-get install -y -qq docker-compose; }
 	$(BIN)/pytest
 
 test-gpu: install ## run the tests that need a real NVIDIA GPU
@@ -60,6 +63,10 @@ bench: install models ## run the benchmarks and write bench/results/
 	@command -v h2load >/dev/null || { apt-get update -qq && apt-get install -y -qq nghttp2-client; }
 	$(BIN)/python -m bench.serving --models bench/models --out bench/results --perf-analyzer $(PERF_ANALYZER)
 	$(BIN)/python -m bench.streams --out bench/results
+	$(BIN)/python -m bench.tracing --models bench/models --out bench/results
+
+compose: ## the observability stack: tensorgate, OTel collector, Jaeger, Prometheus, Grafana (needs Docker)
+	docker compose up --build
 
 clean: ## remove the virtual environment and build outputs
 	rm -rf $(VENV) build dist .mypy_cache .ruff_cache bench/models

@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
@@ -227,6 +228,9 @@ def run_benchmark(
     """
     info = machine_info()
     out.mkdir(parents=True, exist_ok=True)
+    log("hot path: telemetry's own CPU per call, in process ...")
+    hot_path = measure_hot_path()
+    log("  " + ", ".join(f"{name} {us:.2f} us" for name, us in hot_path["us_per_call"].items()))
     sink = SpanSink()
     sink_address = sink.start()
     runs: list[Run] = []
@@ -313,6 +317,25 @@ def run_benchmark(
                 "met": cost["cpu_cost"] <= TARGET_COST_AT_1PCT,
             }
         )
+    for concurrency in concurrencies:
+        baseline = next(
+            (
+                row["cpu_us_per_request"]
+                for row in summary
+                if row["variant"] == "off" and row["concurrency"] == concurrency
+            ),
+            None,
+        )
+        if baseline:
+            added = hot_path["added_us_per_call"]["1%"]
+            targets.append(
+                {
+                    "target": f"tracing at 1% sampling, concurrency {concurrency}: hot-path CPU added per call "
+                    f"<= {TARGET_COST_AT_1PCT:.0%} of a request's server CPU",
+                    "measured": added / baseline,
+                    "met": added / baseline <= TARGET_COST_AT_1PCT,
+                }
+            )
     exported = {variant.name: sink.by_service.get(_service(variant), 0) for variant in variants}
     requests_sent: dict[str, int] = {}
     for m in measurements:
@@ -330,6 +353,7 @@ def run_benchmark(
         "targets": targets,
         "summary": summary,
         "costs": costs,
+        "hot_path": hot_path,
         "spans_exported": exported,
         "requests_sent": requests_sent,
         "runs": [{**run.measurement.to_dict(), "cpu_us_per_request": run.cpu_us_per_request} for run in runs],
@@ -354,6 +378,131 @@ def _start(variant: Variant, repository: Path, workdir: Path, sink: str, rnd: in
     return server
 
 
+# --------------------------------------------------------------------------------------------- hot path
+
+
+class _Context:
+    """The parts of a grpc.aio ServicerContext the telemetry interceptor reads, as h2load's calls present them."""
+
+    _metadata = (("user-agent", "h2load nghttp2/1.52.0"), ("te", "trailers"))
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:50000"
+
+    def code(self) -> None:
+        return None
+
+    def details(self) -> None:
+        return None
+
+
+class _Version:
+    name = "mlp"
+    version = 1
+
+
+class _Service:
+    """Stands in for InferenceService: `route` and `run` do nothing, so what is timed is telemetry's own work."""
+
+    def __init__(self, run_batch: Callable[[int, dict[str, Any]], Any]) -> None:
+        self._run_batch = run_batch
+
+    def route(self, request: Any) -> Any:
+        return _Version()
+
+    async def run(self, target: Any, request: Any, *, tag: object = None) -> Any:
+        await self._run_batch(0, {})
+        return None
+
+
+async def _noop_batch(instance: int, inputs: dict[str, Any]) -> dict[str, Any]:
+    return {}
+
+
+def hot_path_us(settings: dict[str, Any], calls: int = 20000) -> float:
+    """CPU µs per unary call that telemetry adds with `settings`: the real interceptor, request probe and batch
+    wrapper around a handler, a core and an engine that do nothing (spans go nowhere: export is not included).
+    """
+    import asyncio
+    import time
+
+    from tensorgate.server.inference import InferenceRequest
+    from tensorgate.server.settings import ServerSettings
+    from tensorgate.server.statistics import VersionStatistics
+    from tensorgate.server.telemetry import Telemetry
+
+    telemetry = Telemetry(ServerSettings(**settings), environ={"OTEL_TRACES_EXPORTER": "none"})
+    run_batch: Callable[[int, dict[str, Any]], Any] = _noop_batch
+    if telemetry.instrumentation is not None:
+
+        class _Engine:
+            instance_count = 1
+            description = "none"
+
+        engine: Any = _Engine()
+        run_batch, _ = telemetry.instrumentation.instrument("mlp", 1, engine, _noop_batch, VersionStatistics())
+    service = _Service(run_batch)
+    probe = telemetry.probe
+
+    async def behavior(request: Any, context: Any) -> Any:
+        core = InferenceRequest(model="mlp", inputs={}, request_id="bench")
+        if probe is not None:
+            return await probe.infer(service, core)  # type: ignore[arg-type]
+        return await service.run(service.route(core), core)
+
+    handler: Any = grpc.unary_unary_rpc_method_handler(behavior)
+    interceptor = telemetry.interceptor(None)  # type: ignore[arg-type]
+
+    async def main() -> float:
+        call = handler.unary_unary
+        if interceptor is not None:
+
+            async def continuation(details: Any) -> Any:
+                return handler
+
+            details: Any = SimpleNamespace(
+                method="/tensorgate.v1.Predict/Predict", invocation_metadata=_Context._metadata
+            )
+            call = (await interceptor.intercept_service(continuation, details)).unary_unary
+        context = _Context()
+        for _ in range(500):  # warm caches and label tables
+            await call(None, context)
+        started = time.process_time()
+        for _ in range(calls):
+            await call(None, context)
+        return (time.process_time() - started) / calls * 1e6
+
+    try:
+        return asyncio.run(main())
+    finally:
+        telemetry.stop()
+
+
+HOT_PATH_VARIANTS: dict[str, dict[str, Any]] = {
+    "off": {},
+    "metrics": {"metrics_address": "127.0.0.1:0"},
+    "1%": {"tracing": True, "trace_sample_ratio": 0.01},
+    "100%": {"tracing": True, "trace_sample_ratio": 1.0},
+}
+
+
+def measure_hot_path(repeats: int = 5) -> dict[str, Any]:
+    """Median over `repeats` interleaved measurements of each variant's µs per call, and each one's added µs."""
+    times: dict[str, list[float]] = {name: [] for name in HOT_PATH_VARIANTS}
+    for _ in range(repeats):
+        for name, settings in HOT_PATH_VARIANTS.items():
+            times[name].append(hot_path_us(settings, calls=2000 if name == "100%" else 20000))
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    return {
+        "us_per_call": medians,
+        "added_us_per_call": {name: medians[name] - medians["off"] for name in medians if name != "off"},
+        "by_repeat": times,
+    }
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """tracing.md: the target first, then throughput and latency per variant, then each round."""
     cfg, info = report["config"], report["machine"]
@@ -373,7 +522,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "## Target (reported, not asserted)",
         "",
-        "| target | measured | met |",
+        "| target | measured (cost) | met |",
         "| --- | ---: | :---: |",
     ]
     for target in report["targets"]:
@@ -417,6 +566,27 @@ def render_markdown(report: dict[str, Any]) -> str:
     for row in sorted(report["summary"], key=lambda r: (r["concurrency"], list(cfg["variants"]).index(r["variant"]))):
         rounds = ", ".join(_rate(v) for v in row["requests_per_s_by_round"])
         lines.append(f"| {row['variant']} | {row['concurrency']} | {rounds} |")
+    hot = report["hot_path"]
+    off_cpu = {row["concurrency"]: row["cpu_us_per_request"] for row in report["summary"] if row["variant"] == "off"}
+    lines += [
+        "",
+        "## Hot path (in process)",
+        "",
+        "CPU time per call of the real telemetry interceptor, request probe and batch wrapper around a handler, a core",
+        "and an engine that do nothing (`hot_path_us`; spans go to no exporter, so export is not included): what",
+        "telemetry adds to every call, measured without the network or the model, and so without their noise. Medians",
+        f"of {len(next(iter(hot['by_repeat'].values())))} interleaved repeats; the share is of `off`'s server CPU per "
+        "request above.",
+        "",
+        "| variant | µs per call | added µs | "
+        + " | ".join(f"share at concurrency {c}" for c in sorted(off_cpu))
+        + " |",
+        "| --- | ---: | ---: | " + " | ".join("---:" for _ in off_cpu) + " |",
+    ]
+    for name, us in hot["us_per_call"].items():
+        added = hot["added_us_per_call"].get(name)
+        shares = " | ".join("" if added is None else f"{_fmt(100 * added / off_cpu[c], 2)}%" for c in sorted(off_cpu))
+        lines.append(f"| {name} | {_fmt(us, 2)} | {'' if added is None else _fmt(added, 2)} | {shares} |")
     lines += [
         "",
         "## Spans exported",

@@ -208,11 +208,12 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         model = self._model_label(scope, request)
         metrics, tracing = self._metrics, self._tracing
         inferred = scope.entered_ns and scope.returned_ns  # a unary call whose request went through the core
+        answered = inferred and code == "OK"  # ...and whose response was built
         if metrics is not None:
             self._in_flight(info.name).dec()
             seconds = None if info.streaming else (end - scope.started_ns) * _NS
             metrics.call_finished(model, scope.version, info.name, code, seconds)
-            if inferred:
+            if answered:
                 stages = metrics.stages(model, scope.version)
                 stages.decode.observe((scope.entered_ns - scope.started_ns) * _NS)
                 stages.encode.observe((end - scope.returned_ns) * _NS)
@@ -220,6 +221,7 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         if span is not None and tracing is not None:
             if inferred:
                 tracing.record("decode", span, scope.started_ns, scope.entered_ns)
+            if answered:
                 tracing.record("encode", span, scope.returned_ns, end)
             if model:
                 span.set_attribute("tensorgate.model", model)
