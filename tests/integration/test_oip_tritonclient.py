@@ -22,14 +22,13 @@ import grpc
 import ml_dtypes
 import numpy as np
 import numpy.typing as npt
-import onnx
 import onnxruntime as ort
 import pytest
 from google.protobuf import descriptor_pb2
-from onnx import TensorProto, helper
 
 from tensorgate.client import Client
 from tensorgate.oip import grpc_service_pb2, model_config_pb2
+from tests.support.models import ONNX_TYPES, identity_model
 from tests.support.serving import EXAMPLE_MODELS, ServerThread, copy_models, running_server
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,23 +36,6 @@ DRIVER = Path(__file__).with_name("oip_driver.py")
 REQUIREMENTS = Path(__file__).with_name("tritonclient-requirements.txt")
 TRITON_VENV = ROOT / ".venv" / "triton"
 LATE_MODEL = "add_sub_late"
-
-ONNX_TYPES: dict[str, int] = {
-    "BOOL": TensorProto.BOOL,
-    "UINT8": TensorProto.UINT8,
-    "UINT16": TensorProto.UINT16,
-    "UINT32": TensorProto.UINT32,
-    "UINT64": TensorProto.UINT64,
-    "INT8": TensorProto.INT8,
-    "INT16": TensorProto.INT16,
-    "INT32": TensorProto.INT32,
-    "INT64": TensorProto.INT64,
-    "FP16": TensorProto.FLOAT16,
-    "BF16": TensorProto.BFLOAT16,
-    "FP32": TensorProto.FLOAT,
-    "FP64": TensorProto.DOUBLE,
-    "BYTES": TensorProto.STRING,
-}
 
 
 def triton_python() -> Path:
@@ -71,20 +53,6 @@ def triton_python() -> Path:
         )
         stamp.touch()
     return python
-
-
-def identity_model(path: Path, onnx_type: int) -> None:
-    """y = x, over [batch, 2] tensors of one type."""
-    graph = helper.make_graph(
-        [helper.make_node("Identity", ["x"], ["y"])],
-        "identity",
-        [helper.make_tensor_value_info("x", onnx_type, ["batch", 2])],
-        [helper.make_tensor_value_info("y", onnx_type, ["batch", 2])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, path)
 
 
 def identity_inputs() -> dict[str, npt.NDArray[Any]]:

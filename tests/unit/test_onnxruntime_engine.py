@@ -9,49 +9,36 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto
 
 from tensorgate.engines import EngineError, EngineSettings, create_engine
 from tensorgate.engines.onnxruntime import OnnxRuntimeEngine
+from tests.support.models import ONNX_TYPES, identity_model
 
-ONNX_TYPES: dict[str, tuple[int, Any]] = {
-    "BOOL": (TensorProto.BOOL, np.bool_),
-    "UINT8": (TensorProto.UINT8, np.uint8),
-    "UINT16": (TensorProto.UINT16, np.uint16),
-    "UINT32": (TensorProto.UINT32, np.uint32),
-    "UINT64": (TensorProto.UINT64, np.uint64),
-    "INT8": (TensorProto.INT8, np.int8),
-    "INT16": (TensorProto.INT16, np.int16),
-    "INT32": (TensorProto.INT32, np.int32),
-    "INT64": (TensorProto.INT64, np.int64),
-    "FP16": (TensorProto.FLOAT16, np.float16),
-    "BF16": (TensorProto.BFLOAT16, ml_dtypes.bfloat16),
-    "FP32": (TensorProto.FLOAT, np.float32),
-    "FP64": (TensorProto.DOUBLE, np.float64),
-    "BYTES": (TensorProto.STRING, np.object_),
+# The numpy dtype each tensor data type travels as.
+NUMPY_TYPES: dict[str, Any] = {
+    "BOOL": np.bool_,
+    "UINT8": np.uint8,
+    "UINT16": np.uint16,
+    "UINT32": np.uint32,
+    "UINT64": np.uint64,
+    "INT8": np.int8,
+    "INT16": np.int16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "FP16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "FP32": np.float32,
+    "FP64": np.float64,
+    "BYTES": np.object_,
 }
-
-
-def _identity_model(path: Path, onnx_type: int) -> Path:
-    graph = helper.make_graph(
-        [helper.make_node("Identity", ["x"], ["y"])],
-        "identity",
-        [helper.make_tensor_value_info("x", onnx_type, ["batch", 2])],
-        [helper.make_tensor_value_info("y", onnx_type, ["batch", 2])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, path)
-    return path
 
 
 @pytest.mark.parametrize("name", sorted(ONNX_TYPES))
 async def test_every_dtype_round_trips(tmp_path: Path, name: str) -> None:
-    onnx_type, dtype = ONNX_TYPES[name]
-    engine = create_engine("onnxruntime_onnx", EngineSettings(_identity_model(tmp_path / "m.onnx", onnx_type)))
+    onnx_type, dtype = ONNX_TYPES[name], NUMPY_TYPES[name]
+    engine = create_engine("onnxruntime_onnx", EngineSettings(identity_model(tmp_path / "m.onnx", onnx_type)))
     await engine.load()
     try:
         (spec,) = engine.inputs
@@ -70,7 +57,7 @@ async def test_every_dtype_round_trips(tmp_path: Path, name: str) -> None:
 
 
 async def test_each_instance_runs_on_its_own_thread(tmp_path: Path) -> None:
-    path = _identity_model(tmp_path / "m.onnx", TensorProto.FLOAT)
+    path = identity_model(tmp_path / "m.onnx", TensorProto.FLOAT)
     engine = OnnxRuntimeEngine(EngineSettings(path, instance_count=3))
     await engine.load()
     seen: dict[int, str] = {}
@@ -103,14 +90,14 @@ async def test_missing_file_and_bad_settings(tmp_path: Path) -> None:
         await OnnxRuntimeEngine(EngineSettings(tmp_path / "absent.onnx")).load()
     with pytest.raises(EngineError, match="instance_count must be at least 1"):
         OnnxRuntimeEngine(EngineSettings(tmp_path / "m.onnx", instance_count=0))
-    path = _identity_model(tmp_path / "m.onnx", TensorProto.FLOAT)
+    path = identity_model(tmp_path / "m.onnx", TensorProto.FLOAT)
     engine = OnnxRuntimeEngine(EngineSettings(path, parameters={"execution_providers": "NoSuchProvider"}))
     with pytest.raises(EngineError, match="none of the execution providers"):
         await engine.load()
 
 
 async def test_runtime_failure_is_an_engine_error(tmp_path: Path) -> None:
-    engine = OnnxRuntimeEngine(EngineSettings(_identity_model(tmp_path / "m.onnx", TensorProto.FLOAT)))
+    engine = OnnxRuntimeEngine(EngineSettings(identity_model(tmp_path / "m.onnx", TensorProto.FLOAT)))
     await engine.load()
     try:
         with pytest.raises(EngineError, match="ONNX Runtime failed"):
