@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, help="TOML file of settings (keys as the flags, with _)")
     defaults = ServerSettings()
     for field in fields(ServerSettings):
-        doc = _FIELD_HELP.get(field.name, "")
+        doc = field.metadata["help"]
         # A bare boolean flag (--tracing) means true; --tracing false also works, like the variable.
         switch = {"nargs": "?", "const": "true"} if isinstance(getattr(defaults, field.name), bool) else {}
         parser.add_argument(
@@ -40,26 +40,6 @@ def _parser() -> argparse.ArgumentParser:
             help=f"{doc} [env {ENV_PREFIX}{field.name.upper()}; default {getattr(defaults, field.name)}]",
         )
     return parser
-
-
-_FIELD_HELP = {
-    "address": "HOST:PORT to listen on; port 0 picks a free port",
-    "repository": "model repository directory (Triton layout)",
-    "grace_period": "seconds in-flight calls get to finish on SIGTERM",
-    "max_message_bytes": "largest request/response message in bytes",
-    "max_queue_size": "queue bound for models whose config sets none",
-    "default_max_batch_size": "max_batch_size for models without config.pbtxt",
-    "intra_op_threads": "ONNX Runtime threads per instance per operator (0: its choice)",
-    "max_concurrent_rpcs": "calls served at once, the rest refused (0: no limit)",
-    "max_streams": "Stream calls served at once, the rest refused (0: no limit)",
-    "log_level": "logging level",
-    "log_format": "log lines as text or json (with trace id, span id, request id)",
-    "access_log": "one log line per call (logger tensorgate.access)",
-    "metrics_address": "HOST:PORT of the Prometheus /metrics endpoint; empty: off; port 0 picks a free port",
-    "tracing": "OpenTelemetry tracing, exported per OTEL_TRACES_EXPORTER / OTEL_EXPORTER_OTLP_*",
-    "trace_sample_ratio": "share of new traces recorded (a caller's sampled traceparent is always followed)",
-    "trace_frame_ratio": "share of a traced stream's frames that get their own span",
-}
 
 
 def _describe(server: Server) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,42 +30,62 @@ def _boolean(value: Any) -> bool:
     raise ValueError(value)
 
 
+def _setting(default: Any, help_text: str) -> Any:
+    """A settings field with its help text (shown by `tensorgate serve --help`)."""
+    return field(default=default, metadata={"help": help_text})
+
+
 @dataclass(frozen=True, slots=True)
 class ServerSettings:
     """Everything the server can be told. Each field is also `--flag-name` and `TENSORGATE_FIELD_NAME`."""
 
-    #: HOST:PORT to listen on; port 0 picks a free port (the chosen address is printed).
-    address: str = "127.0.0.1:8001"
-    #: The model repository (Triton layout: <repo>/<model>/[config.pbtxt] and <repo>/<model>/<version>/).
-    repository: Path = Path("models")
-    #: Seconds in-flight calls get to finish after SIGTERM before they are cancelled.
-    grace_period: float = 30.0
-    #: Largest request or response message, in bytes; a larger one is refused with RESOURCE_EXHAUSTED.
-    max_message_bytes: int = 64 * 1024 * 1024
-    #: Queue bound for models whose config leaves max_queue_size at 0 (the queue is always bounded).
-    max_queue_size: int = 1024
-    #: max_batch_size given to models that have no config.pbtxt but a variable first dimension.
-    default_max_batch_size: int = 64
-    #: Threads each ONNX Runtime instance may use for one operator; 0 lets ONNX Runtime choose.
-    intra_op_threads: int = 0
-    #: Calls served at once; the excess is refused with RESOURCE_EXHAUSTED. 0 means no limit.
-    max_concurrent_rpcs: int = 0
-    #: Camera/frame streams served at once; a stream past it is refused with RESOURCE_EXHAUSTED. 0 means no limit.
-    max_streams: int = 256
-    #: Python logging level name.
-    log_level: str = "INFO"
-    #: Log line format: "text" or "json" (one object per line, with trace id, span id and request id).
-    log_format: str = "text"
-    #: One log line per call (logger `tensorgate.access`): peer, method, status, duration, model, ids.
-    access_log: bool = False
-    #: HOST:PORT of the Prometheus /metrics endpoint; empty: no metrics; port 0 picks a free port (printed).
-    metrics_address: str = ""
-    #: OpenTelemetry tracing; exporters from OTEL_* (OTEL_TRACES_EXPORTER, OTEL_EXPORTER_OTLP_*).
-    tracing: bool = False
-    #: Share of traces started here (calls without a sampled `traceparent`) that are recorded, 0..1.
-    trace_sample_ratio: float = 1.0
-    #: Share of a traced stream's frames that get a span of their own, 0..1.
-    trace_frame_ratio: float = 0.01
+    address: str = _setting(
+        "127.0.0.1:8001", "HOST:PORT to listen on; port 0 picks a free port (the chosen address is printed)."
+    )
+    repository: Path = _setting(
+        Path("models"),
+        "The model repository (Triton layout: <repo>/<model>/[config.pbtxt] and <repo>/<model>/<version>/).",
+    )
+    grace_period: float = _setting(
+        30.0, "Seconds in-flight calls get to finish after SIGTERM before they are cancelled."
+    )
+    max_message_bytes: int = _setting(
+        64 * 1024 * 1024,
+        "Largest request or response message, in bytes; a larger one is refused with RESOURCE_EXHAUSTED.",
+    )
+    max_queue_size: int = _setting(
+        1024, "Queue bound for models whose config leaves max_queue_size at 0 (the queue is always bounded)."
+    )
+    default_max_batch_size: int = _setting(
+        64, "max_batch_size given to models that have no config.pbtxt but a variable first dimension."
+    )
+    intra_op_threads: int = _setting(
+        0, "Threads each ONNX Runtime instance may use for one operator; 0 lets ONNX Runtime choose."
+    )
+    max_concurrent_rpcs: int = _setting(
+        0, "Calls served at once; the excess is refused with RESOURCE_EXHAUSTED. 0 means no limit."
+    )
+    max_streams: int = _setting(
+        256,
+        "Camera/frame streams served at once; a stream past it is refused with RESOURCE_EXHAUSTED. 0 means no limit.",
+    )
+    log_level: str = _setting("INFO", "Python logging level name.")
+    log_format: str = _setting(
+        "text", 'Log line format: "text" or "json" (one object per line, with trace id, span id and request id).'
+    )
+    access_log: bool = _setting(
+        False, "One log line per call (logger `tensorgate.access`): peer, method, status, duration, model, ids."
+    )
+    metrics_address: str = _setting(
+        "", "HOST:PORT of the Prometheus /metrics endpoint; empty: no metrics; port 0 picks a free port (printed)."
+    )
+    tracing: bool = _setting(
+        False, "OpenTelemetry tracing; exporters from OTEL_* (OTEL_TRACES_EXPORTER, OTEL_EXPORTER_OTLP_*)."
+    )
+    trace_sample_ratio: float = _setting(
+        1.0, "Share of traces started here (calls without a sampled `traceparent`) that are recorded, 0..1."
+    )
+    trace_frame_ratio: float = _setting(0.01, "Share of a traced stream's frames that get a span of their own, 0..1.")
 
     @classmethod
     def field_names(cls) -> list[str]:
