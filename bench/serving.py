@@ -277,6 +277,35 @@ class Measurement:
         """A JSON-ready dict."""
         return {name: getattr(self, name) for name in self.__slots__}
 
+    @classmethod
+    def from_h2load(
+        cls,
+        result: h2load.H2loadResult,
+        latencies_ms: list[float],
+        *,
+        rnd: int,
+        variant: str,
+        model: str,
+        concurrency: int,
+    ) -> Measurement:
+        """One served run: h2load's counts, and percentiles from its per-request log."""
+        summary = summarize_latencies(latencies_ms)
+        return cls(
+            round=rnd,
+            variant=variant,
+            model=model,
+            concurrency=concurrency,
+            requests=result.succeeded,
+            elapsed_s=result.elapsed_s,
+            requests_per_s=result.requests_per_s,
+            mean_ms=summary.mean_ms,
+            p50_ms=summary.p50_ms,
+            p90_ms=summary.p90_ms,
+            p99_ms=summary.p99_ms,
+            max_ms=summary.max_ms,
+            h2load_mean_ms=result.request_time.mean_us / 1000.0,
+        )
+
 
 @dataclass
 class BenchConfig:
@@ -336,21 +365,8 @@ class Runner:
             raise h2load.H2loadError(
                 f"{what}: h2load logged {len(latencies)} successful requests, its summary says {result.succeeded}"
             )
-        summary = summarize_latencies(latencies)
-        return Measurement(
-            round=rnd,
-            variant=variant,
-            model=case.name,
-            concurrency=concurrency,
-            requests=result.succeeded,
-            elapsed_s=result.elapsed_s,
-            requests_per_s=result.requests_per_s,
-            mean_ms=summary.mean_ms,
-            p50_ms=summary.p50_ms,
-            p90_ms=summary.p90_ms,
-            p99_ms=summary.p99_ms,
-            max_ms=summary.max_ms,
-            h2load_mean_ms=result.request_time.mean_us / 1000.0,
+        return Measurement.from_h2load(
+            result, latencies, rnd=rnd, variant=variant, model=case.name, concurrency=concurrency
         )
 
     def inprocess(self, case: ModelCase, concurrency: int, rnd: int) -> Measurement:

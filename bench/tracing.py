@@ -38,7 +38,6 @@ import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from bench import h2load
-from bench.inprocess import summarize_latencies
 from bench.serving import (
     METHOD,
     Measurement,
@@ -183,21 +182,8 @@ def _measure(
     result = measured.result
     h2load.check_responses(result, case.frame_bytes[variant], what=what)
     rates[(variant, concurrency)] = result.requests_per_s
-    summary = summarize_latencies(measured.latencies_ms)
-    measurement = Measurement(
-        round=rnd,
-        variant=variant,
-        model=case.name,
-        concurrency=concurrency,
-        requests=result.succeeded,
-        elapsed_s=result.elapsed_s,
-        requests_per_s=result.requests_per_s,
-        mean_ms=summary.mean_ms,
-        p50_ms=summary.p50_ms,
-        p90_ms=summary.p90_ms,
-        p99_ms=summary.p99_ms,
-        max_ms=summary.max_ms,
-        h2load_mean_ms=result.request_time.mean_us / 1000.0,
+    measurement = Measurement.from_h2load(
+        result, measured.latencies_ms, rnd=rnd, variant=variant, model=case.name, concurrency=concurrency
     )
     return Run(measurement, 1e6 * cpu / max(result.succeeded, 1))
 
