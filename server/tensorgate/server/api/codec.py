@@ -15,7 +15,7 @@ from tensorgate.client.tensors import TensorFormatError, from_tensor, to_tensor
 from tensorgate.server.errors import InvalidInputError
 from tensorgate.v1 import tensor_pb2
 
-__all__ = ["RequestIds", "deadline_from", "decode_inputs", "encode_outputs", "status_number"]
+__all__ = ["RequestIds", "deadline_from", "decode_inputs", "encode_outputs", "requested_outputs", "status_number"]
 
 
 class RequestIds:

@@ -28,7 +28,6 @@ __all__ = [
     "config_dtype",
     "read_config",
     "reconcile",
-    "spec_dtype_name",
 ]
 
 CONFIG_FILENAME = "config.pbtxt"
@@ -107,11 +106,6 @@ def config_dtype(data_type: int) -> np.dtype[Any]:
 def _config_data_type(dtype: np.dtype[Any]) -> model_config_pb2.ModelDataType.ValueType:
     name = dtype_name(dtype)
     return model_config_pb2.ModelDataType.Value("TYPE_STRING" if name == "BYTES" else f"TYPE_{name}")
-
-
-def spec_dtype_name(spec: TensorSpec) -> str:
-    """The data type name ("FP32", "BYTES", ...) of a spec."""
-    return dtype_name(spec.dtype)
 
 
 @dataclass(frozen=True, slots=True)

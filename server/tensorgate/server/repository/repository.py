@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -163,10 +163,7 @@ async def _retire(versions: list[ModelVersion], *, drain: bool) -> None:
     await asyncio.gather(*(v.engine.close() for v in versions if v.engine is not None))
 
 
-RunBatch = Callable[[int, dict[str, npt.NDArray[Any]]], Awaitable[dict[str, npt.NDArray[Any]]]]
-
-
-def _runner(engine: Engine) -> RunBatch:
+def _runner(engine: Engine) -> batching.RunBatch:
     async def run_batch(instance: int, inputs: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
         return await engine.infer(inputs, instance=instance)
 
