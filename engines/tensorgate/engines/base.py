@@ -10,11 +10,21 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Engine", "EngineError", "EngineSettings", "TensorSpec"]
+__all__ = ["Engine", "EngineError", "EngineInputError", "EngineSettings", "EngineUnavailableError", "TensorSpec"]
 
 
 class EngineError(Exception):
     """An engine could not load, or could not run a batch. The message says which and why."""
+
+
+class EngineUnavailableError(EngineError):
+    """The engine cannot run here at all (its library is not installed, or there is no GPU): a reason to fall back,
+    not a broken model."""
+
+
+class EngineInputError(EngineError):
+    """A batch the engine cannot take (e.g. a shape outside the plan's optimization profile), refused before any
+    work was queued: the caller's fault, not the engine's."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,11 +33,15 @@ class TensorSpec:
 
     `shape` is the full shape the engine sees, batch dimension included; -1 marks a variable dimension.
     `dtype` is a numpy dtype: `object` stands for BYTES, `ml_dtypes.bfloat16` for BF16.
+    `min_shape`/`max_shape`, when the engine has them (a TensorRT optimization profile), bound every dimension,
+    batch dimension included; requests outside them are refused before they are queued.
     """
 
     name: str
     dtype: np.dtype[np.generic]
     shape: tuple[int, ...]
+    min_shape: tuple[int, ...] | None = None
+    max_shape: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +54,11 @@ class EngineSettings:
     intra_op_threads: int = 0
     # Free-form settings from the model config's `parameters`.
     parameters: Mapping[str, str] = field(default_factory=dict)
+    # The GPU of each instance (instance_group `gpus`), one entry per instance; empty means GPU 0 for all.
+    # Engines that do not use a GPU ignore it.
+    devices: tuple[int, ...] = ()
+    # Where built TensorRT plans are cached; None means the engine's default (see tensorgate.engines.plans).
+    plan_cache_dir: Path | None = None
 
 
 Arrays = Mapping[str, npt.NDArray[np.generic]]
