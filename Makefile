@@ -47,7 +47,7 @@ test-gpu: install ## run the tests that need a real NVIDIA GPU
 lint: $(STAMP) ## ruff (lint + format check) and mypy strict
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy client/tensorgate server/tensorgate engines/tensorgate tests bench examples proto
+	$(BIN)/mypy client/tensorgate server/tensorgate engines/tensorgate typings tests bench examples proto
 
 format: install ## apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix .

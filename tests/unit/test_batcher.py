@@ -14,6 +14,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from tensorgate.engines import EngineInputError
 from tensorgate.server.batching import (
     Batcher,
     BatcherSettings,
@@ -531,6 +532,17 @@ async def test_engine_failure_fails_only_its_batch(make: Make) -> None:
         assert error.__cause__ is cause
     ok = await batcher.submit({"x": rows_of(7, 1)})  # the worker keeps going
     assert ok["y"][0, 0] == 14000
+
+
+async def test_an_input_the_engine_refuses_before_running_is_invalid_not_internal(make: Make) -> None:
+    # E.g. a shape outside a TensorRT profile that slipped past the request checks: the caller's fault.
+    engine = FakeEngine(gated=True, fail=EngineInputError("input 'x' has 9 rows, the profile takes at most 8"))
+    batcher = await make(engine)
+    task = submit(batcher, {"x": rows_of(1, 1)})
+    await settle()
+    engine.gate.set()
+    with pytest.raises(InvalidInputError, match="the profile takes at most 8"):
+        await task
 
 
 async def test_output_with_the_wrong_rows_is_an_engine_failure(make: Make) -> None:

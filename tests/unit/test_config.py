@@ -155,3 +155,28 @@ def test_check_request() -> None:
         with pytest.raises(InvalidInputError) as caught:
             signature.check_request(inputs, outputs)
         assert problem in str(caught.value)
+
+
+# -- engines with an optimization profile (TensorRT): bounds on every dimension ---------------------------------
+
+PROFILED_IN = (TensorSpec("x", F32, (-1, 3, -1), min_shape=(1, 3, 2), max_shape=(8, 3, 6)),)
+
+
+def test_without_config_a_profiled_model_batches_up_to_the_profile(tmp_path: Path) -> None:
+    signature = _reconcile(tmp_path, None, inputs=PROFILED_IN)
+    assert signature.max_batch_size == 8  # not the default 16: the plan cannot run more
+
+
+def test_a_config_asking_more_rows_than_the_profile_is_refused(tmp_path: Path) -> None:
+    text = 'max_batch_size: 12\ninput [{ name: "x" data_type: TYPE_FP32 dims: [3, -1] }]'
+    with pytest.raises(ModelConfigError, match="optimization profile takes at most 8 rows of input 'x'"):
+        _reconcile(tmp_path, text, inputs=PROFILED_IN)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 1), (2, 3, 7)])
+def test_a_request_outside_the_profile_is_invalid_and_names_the_bounds(tmp_path: Path, shape: tuple[int, ...]) -> None:
+    text = 'max_batch_size: 8\ninput [{ name: "x" data_type: TYPE_FP32 dims: [3, -1] }]'
+    signature = _reconcile(tmp_path, text, inputs=PROFILED_IN)
+    signature.check_request({"x": np.zeros((2, 3, 4), np.float32)})  # inside: fine
+    with pytest.raises(InvalidInputError, match=r"input 'x' .* outside the engine's optimization profile"):
+        signature.check_request({"x": np.zeros(shape, np.float32)})

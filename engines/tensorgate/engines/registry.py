@@ -32,14 +32,19 @@ class EngineRegistration:
     target: str
     # The file a version directory holds when config.pbtxt names none.
     default_filename: str
+    # The platform that serves the model instead when this engine cannot run here (tensorgate.engines.fallback).
+    fallback: str | None = None
 
 
 _REGISTRY: dict[str, EngineRegistration] = {}
 
 
-def register_engine(platform: str, *, backend: str, target: str, default_filename: str) -> None:
-    """Make `platform` servable by the class at `target` ("module:Class")."""
-    _REGISTRY[platform] = EngineRegistration(platform, backend, target, default_filename)
+def register_engine(
+    platform: str, *, backend: str, target: str, default_filename: str, fallback: str | None = None
+) -> None:
+    """Make `platform` servable by the class at `target` ("module:Class"), and by `fallback`'s engine when it
+    cannot run here."""
+    _REGISTRY[platform] = EngineRegistration(platform, backend, target, default_filename, fallback)
 
 
 def registered_platforms() -> list[str]:
@@ -80,4 +85,11 @@ register_engine(
     backend="onnxruntime",
     target="tensorgate.engines.onnxruntime:OnnxRuntimeEngine",
     default_filename="model.onnx",
+)
+register_engine(
+    "tensorrt_plan",
+    backend="tensorrt",
+    target="tensorgate.engines.tensorrt:TensorRTEngine",
+    default_filename="model.plan",
+    fallback="onnxruntime_onnx",
 )

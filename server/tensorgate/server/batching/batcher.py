@@ -33,6 +33,7 @@ from typing import Any, Final, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from tensorgate.engines.base import EngineInputError
 from tensorgate.server.batching.clock import Clock, MonotonicClock
 from tensorgate.server.batching.settings import BatcherSettings
 from tensorgate.server.errors import (
@@ -40,6 +41,7 @@ from tensorgate.server.errors import (
     EngineFailedError,
     InvalidInputError,
     ResourceExhaustedError,
+    TensorgateError,
     UnavailableError,
 )
 
@@ -580,11 +582,15 @@ class Batcher:
                 why = f"{type(exc).__name__}: {exc}" if not isinstance(exc, _BadOutputError) else str(exc)
                 for request in batch:
                     if not request.future.done():
-                        error = EngineFailedError(
-                            f"{self._label}: the engine failed on a batch of {rows} rows "
-                            f"({count} requests) on instance {instance}: {why}",
-                            request_id=request.request_id,
-                        )
+                        error: TensorgateError
+                        if isinstance(exc, EngineInputError):  # refused before it ran: the input's fault
+                            error = InvalidInputError(f"{self._label}: {exc}")
+                        else:
+                            error = EngineFailedError(
+                                f"{self._label}: the engine failed on a batch of {rows} rows "
+                                f"({count} requests) on instance {instance}: {why}",
+                                request_id=request.request_id,
+                            )
                         error.__cause__ = exc
                         request.future.set_exception(error)
                 return

@@ -8,7 +8,7 @@ the model itself (inputs, outputs, whether the first dimension batches), so a ve
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +142,18 @@ class ModelSignature:
                     f"input {spec.name!r} has shape {list(array.shape)}, the model takes {list(spec.shape)}"
                     + (" (-1: any size)" if -1 in spec.shape else "")
                 )
+            if (
+                spec.min_shape is not None
+                and spec.max_shape is not None
+                and not all(
+                    low <= have <= high
+                    for have, low, high in zip(array.shape, spec.min_shape, spec.max_shape, strict=True)
+                )
+            ):
+                raise InvalidInputError(
+                    f"input {spec.name!r} has shape {list(array.shape)}, outside the engine's optimization profile "
+                    f"(from {list(spec.min_shape)} to {list(spec.max_shape)})"
+                )
             if self.max_batch_size:
                 if rows is None:
                     rows = array.shape[0]
@@ -207,7 +219,8 @@ def _reconcile_tensors(
                 f"{where}: {kind} {tensor.name!r} has dims {list(tensor.dims)} in the config but the model's "
                 f"shape is {list(spec.shape)}" + (" (batch dimension first)" if batch_dims else "")
             )
-        result.append(TensorSpec(spec.name, spec.dtype, (-1,) * batch_dims + dims))
+        # replace() keeps the engine's shape bounds (a TensorRT profile) for the request checks.
+        result.append(replace(spec, shape=(-1,) * batch_dims + dims))
     if kind == "input":
         missing = sorted(set(by_name) - {tensor.name for tensor in configured})
         if missing:
@@ -233,9 +246,18 @@ def reconcile(
     completed.CopyFrom(config)
     every = [*engine_inputs, *engine_outputs]
     first_dim_variable = all(spec.shape and spec.shape[0] == -1 for spec in every)
+    # An engine with a fixed optimization profile (TensorRT) bounds the batch it can run.
+    bounded = [spec for spec in engine_inputs if spec.max_shape]
+    profile_max = min((spec.max_shape[0] for spec in bounded if spec.max_shape), default=0) if first_dim_variable else 0
     if not has_config_file and first_dim_variable and default_max_batch_size > 0:
-        completed.max_batch_size = default_max_batch_size
+        completed.max_batch_size = min(default_max_batch_size, profile_max) if profile_max else default_max_batch_size
         completed.dynamic_batching.SetInParent()
+    if profile_max and completed.max_batch_size > profile_max:
+        tight = next(spec for spec in bounded if spec.max_shape and spec.max_shape[0] == profile_max)
+        raise ModelConfigError(
+            f"{where}: max_batch_size is {completed.max_batch_size} but the engine's optimization profile takes at "
+            f"most {profile_max} rows of input {tight.name!r}"
+        )
     if completed.max_batch_size > 0 and not first_dim_variable:
         fixed = next(spec for spec in every if not spec.shape or spec.shape[0] != -1)
         raise ModelConfigError(

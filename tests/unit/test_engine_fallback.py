@@ -1,0 +1,70 @@
+"""The engine chain: a `tensorrt_plan` model that TensorRT cannot serve here is served by ONNX Runtime."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tensorgate.engines import EngineError, EngineSettings
+from tensorgate.engines.fallback import load_engine
+from tests.support.serving import EXAMPLE_MODELS
+
+DIGITS_ONNX = EXAMPLE_MODELS / "digits" / "1" / "model.onnx"
+
+
+def _version_dir(tmp_path: Path, *, with_onnx: bool = True) -> Path:
+    directory = tmp_path / "digits" / "1"
+    directory.mkdir(parents=True)
+    if with_onnx:
+        shutil.copy(DIGITS_ONNX, directory / "model.onnx")
+    return directory
+
+
+async def test_tensorrt_plan_falls_back_to_onnxruntime_with_the_reason(tmp_path: Path) -> None:
+    # No `tensorrt` module here (FACTS.md), so TensorRT cannot run and model.onnx beside the plan serves.
+    directory = _version_dir(tmp_path)
+    loaded = await load_engine("tensorrt_plan", EngineSettings(model_file=directory / "model.plan"))
+    try:
+        assert loaded.platform == "onnxruntime_onnx"
+        assert "tensorrt" in loaded.fallback_reason.lower()
+        assert loaded.engine.description.startswith("onnxruntime")
+        outputs = await loaded.engine.infer({"image": np.zeros((3, 1, 8, 8), np.float32)})
+        assert outputs["probabilities"].shape == (3, 10)
+    finally:
+        await loaded.engine.close()
+
+
+async def test_fallback_none_refuses_to_fall_back(tmp_path: Path) -> None:
+    directory = _version_dir(tmp_path)
+    settings = EngineSettings(model_file=directory / "model.plan", parameters={"fallback": "none"})
+    with pytest.raises(EngineError, match='fallback: "none"'):
+        await load_engine("tensorrt_plan", settings)
+
+
+async def test_without_an_onnx_model_beside_the_plan_both_reasons_are_given(tmp_path: Path) -> None:
+    directory = _version_dir(tmp_path, with_onnx=False)
+    with pytest.raises(EngineError, match=r"no model\.onnx beside it to serve with onnxruntime"):
+        await load_engine("tensorrt_plan", EngineSettings(model_file=directory / "model.plan"))
+
+
+async def test_a_broken_fallback_model_names_both_failures(tmp_path: Path) -> None:
+    directory = _version_dir(tmp_path, with_onnx=False)
+    (directory / "model.onnx").write_bytes(b"not an onnx model")
+    with pytest.raises(EngineError, match="the onnxruntime fallback failed too"):
+        await load_engine("tensorrt_plan", EngineSettings(model_file=directory / "model.plan"))
+
+
+async def test_an_unknown_fallback_choice_is_named(tmp_path: Path) -> None:
+    directory = _version_dir(tmp_path)
+    settings = EngineSettings(model_file=directory / "model.plan", parameters={"fallback": "cpu-please"})
+    with pytest.raises(EngineError, match="'cpu-please'; it must be one of onnxruntime, none"):
+        await load_engine("tensorrt_plan", settings)
+
+
+async def test_an_engine_without_a_fallback_fails_as_itself(tmp_path: Path) -> None:
+    directory = _version_dir(tmp_path, with_onnx=False)
+    with pytest.raises(EngineError, match="no such model file"):
+        await load_engine("onnxruntime_onnx", EngineSettings(model_file=directory / "model.onnx"))
