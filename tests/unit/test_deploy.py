@@ -122,7 +122,9 @@ def test_tensorgate_is_built_from_the_cpu_dockerfile_and_serves_the_bundled_mode
 @pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.gpu"])
 def test_the_dockerfiles_install_the_server_with_observability(name: str) -> None:
     text = (DEPLOY / name).read_text()
-    assert '".[observability]"' in text
+    extras = re.search(r'"\.\[([a-z,]+)\]"', text)
+    assert extras is not None, f"{name} does not pip install the server"
+    assert "observability" in extras.group(1).split(",")
     assert 'ENTRYPOINT ["tensorgate"]' in text
     assert 'CMD ["serve"]' in text
     for line in text.splitlines():
@@ -132,8 +134,19 @@ def test_the_dockerfiles_install_the_server_with_observability(name: str) -> Non
     if name == "Dockerfile.gpu":
         assert re.search(r"^FROM nvcr\.io/nvidia/tensorrt:\S+-py3$", text, re.MULTILINE)
         assert "onnxruntime-gpu" in text
+        assert "tensorrt" in extras.group(1).split(",")
     dockerignore = (ROOT / ".dockerignore").read_text().split()
     assert ".venv" in dockerignore
+
+
+def test_the_gpu_image_keeps_plans_in_a_writable_volume_the_server_uses() -> None:
+    text = (DEPLOY / "Dockerfile.gpu").read_text()
+    (cache,) = re.findall(r"TENSORGATE_PLAN_CACHE=(\S+)", text)
+    assert "plan_cache" in ServerSettings.field_names()
+    assert ServerSettings.from_sources({}, environ={"TENSORGATE_PLAN_CACHE": cache}).plan_cache == cache
+    assert f'VOLUME ["{cache}"]' in text
+    # The server runs as a user without a home directory: the cache folder must be created and given to it.
+    assert re.search(rf"mkdir -p {re.escape(cache)}\b.*\n.*chown tensorgate {re.escape(cache)}\b", text)
 
 
 # -- the collector ------------------------------------------------------------------------------------------------

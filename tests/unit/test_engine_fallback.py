@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -23,11 +24,15 @@ def _version_dir(tmp_path: Path, *, with_onnx: bool = True) -> Path:
     return directory
 
 
-async def test_tensorrt_plan_falls_back_to_onnxruntime_with_the_reason(tmp_path: Path) -> None:
+async def test_tensorrt_plan_falls_back_to_onnxruntime_with_the_reason(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     # No `tensorrt` module here (FACTS.md), so TensorRT cannot run and model.onnx beside the plan serves.
     directory = _version_dir(tmp_path)
-    loaded = await load_engine("tensorrt_plan", EngineSettings(model_file=directory / "model.plan"))
+    with caplog.at_level(logging.WARNING, logger="tensorgate.engines.fallback"):
+        loaded = await load_engine("tensorrt_plan", EngineSettings(model_file=directory / "model.plan"))
     try:
+        assert any("serving" in r.message and "with onnxruntime instead" in r.message for r in caplog.records)
         assert loaded.platform == "onnxruntime_onnx"
         assert "tensorrt" in loaded.fallback_reason.lower()
         assert loaded.engine.description.startswith("onnxruntime")

@@ -59,6 +59,9 @@ class EngineSettings:
     devices: tuple[int, ...] = ()
     # Where built TensorRT plans are cached; None means the engine's default (see tensorgate.engines.plans).
     plan_cache_dir: Path | None = None
+    # The most rows the batcher will send in one batch (the config's max_batch_size; 0: the model does not
+    # batch). Engines that fix their shapes ahead (a TensorRT plan built at load) size for it.
+    max_batch_size: int = 0
 
 
 Arrays = Mapping[str, npt.NDArray[np.generic]]

@@ -1,7 +1,6 @@
 # The part of cuda-python's `cuda.bindings.runtime` that tensorgate uses. Every call returns a tuple whose first
 # item is the error code; the rest are the call's outputs.
 import enum
-from typing import Any
 
 class cudaError_t(enum.IntEnum):
     cudaSuccess = 0
