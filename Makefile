@@ -15,8 +15,10 @@ ADDRESS ?= 127.0.0.1:8001
 REPOSITORY ?= examples/models
 # Prometheus /metrics of `make run`; empty turns metrics off.
 METRICS_ADDRESS ?= 127.0.0.1:8002
+# How long `make soak` keeps the load up, in seconds.
+SOAK_SECONDS ?= 180
 
-.PHONY: help install run test test-gpu lint format proto models bench compose clean
+.PHONY: help install run test test-gpu soak lint format proto models bench compose clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -37,12 +39,16 @@ install: $(STAMP) $(TRITON_STAMP) ## create .venv (server, client, tools) and .v
 run: $(STAMP) ## serve examples/models on 127.0.0.1:8001 (metrics on :8002) until Ctrl-C (ADDRESS=, REPOSITORY=, METRICS_ADDRESS=)
 	$(BIN)/tensorgate serve --address $(ADDRESS) --repository $(REPOSITORY) --metrics-address "$(METRICS_ADDRESS)"
 
-test: install lint ## lint, then run the whole test suite (unit + integration)
+test: install lint ## lint, then run the whole test suite (unit + integration + an 8 s soak)
 	@command -v docker-compose >/dev/null || { apt-get update -qq && apt-get install -y -qq docker-compose; }
 	$(BIN)/pytest
 
-test-gpu: install ## run the tests that need a real NVIDIA GPU
+test-gpu: $(STAMP) ## install the tensorrt extra, then run the tests that need a real NVIDIA GPU (tests/gpu)
+	$(BIN)/python -m pip install --quiet -e '.[tensorrt]'
 	$(BIN)/pytest -m gpu tests/gpu
+
+soak: $(STAMP) ## steady load for SOAK_SECONDS (180) against a server; flat memory, no errors; writes bench/results/soak.md
+	SOAK_SECONDS=$(SOAK_SECONDS) SOAK_REPORT=bench/results/soak.md $(BIN)/pytest tests/soak -q
 
 lint: $(STAMP) ## ruff (lint + format check) and mypy strict
 	$(BIN)/ruff check .

@@ -34,7 +34,13 @@ class AsyncClient:
         certificate_chain: the client's certificate chain for mutual TLS (PEM bytes or a path).
         timeout: the default deadline of each unary call in seconds (None: none); streams never get it.
         options: gRPC channel options; they override the defaults (64 MiB message limits each way).
-        metadata: gRPC metadata sent with every call, such as ("authorization", "Bearer ...").
+        metadata: gRPC metadata sent with every call, such as ("x-client-id", "camera-7").
+        token: a bearer token, sent with every call as `authorization: Bearer <token>` metadata: what the
+            server's `auth_token` asks of model load/unload calls (and of every call under `auth_inference`).
+            Use TLS to keep it secret on anything but loopback.
+        load_balancing: the channel's client-side load-balancing policy, "round_robin" or "pick_first" (gRPC's
+            default). With "round_robin" and a target resolving to several servers, such as
+            "dns:///tensorgate-headless:8001" (a headless Kubernetes Service), calls spread over all of them.
     """
 
     def __init__(
@@ -48,6 +54,8 @@ class AsyncClient:
         timeout: float | None = None,
         options: Iterable[tuple[str, Any]] = (),
         metadata: Iterable[tuple[str, str | bytes]] = (),
+        token: str | None = None,
+        load_balancing: str | None = None,
     ) -> None:
         settings = _common.channel_settings(
             address,
@@ -57,6 +65,8 @@ class AsyncClient:
             certificate_chain=certificate_chain,
             options=options,
             metadata=metadata,
+            token=token,
+            load_balancing=load_balancing,
         )
         if settings.credentials is None:
             self._channel = grpc.aio.insecure_channel(settings.target, options=settings.options)

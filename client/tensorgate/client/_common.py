@@ -7,6 +7,7 @@ two cannot drift apart.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -17,6 +18,7 @@ from typing import Any
 import grpc
 import numpy.typing as npt
 
+from tensorgate.client._retry import RETRY_OPTIONS
 from tensorgate.client.errors import (
     TensorgateClientError,
     error_for_code,
@@ -29,6 +31,7 @@ from tensorgate.v1 import models_pb2, predict_pb2, stream_pb2, tensor_pb2
 
 __all__ = [
     "DEFAULT_CHANNEL_OPTIONS",
+    "LOAD_BALANCING_POLICIES",
     "ChannelSettings",
     "FrameError",
     "FrameNumberer",
@@ -39,12 +42,15 @@ __all__ = [
     "StreamResult",
     "TensorInfo",
     "VersionInfo",
+    "bearer_metadata",
     "build_metadata_request",
     "build_predict_request",
     "build_ready_request",
     "build_stream_config",
     "channel_settings",
     "is_lost_stream_status",
+    "load_balancing_config",
+    "merge_service_config",
     "parse_metadata",
     "parse_models",
     "parse_outputs",
@@ -57,10 +63,12 @@ Inputs = Mapping[str, npt.ArrayLike]
 
 _MIB = 1024 * 1024
 #: gRPC's own default receive limit is 4 MiB, which a single batch of images exceeds; the server's default
-#: limit is larger too. Any of these can be overridden through the clients' `options`.
+#: limit is larger too. Calls failing with UNAVAILABLE are retried (`_retry`; `options=NO_RETRIES` turns it off).
+#: Any of these can be overridden through the clients' `options`.
 DEFAULT_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.max_receive_message_length", 64 * _MIB),
     ("grpc.max_send_message_length", 64 * _MIB),
+    *RETRY_OPTIONS,
 )
 
 
@@ -205,12 +213,22 @@ def channel_settings(
     certificate_chain: Pem | None,
     options: Iterable[tuple[str, Any]],
     metadata: Iterable[tuple[str, str | bytes]],
+    token: str | None = None,
+    load_balancing: str | None = None,
 ) -> ChannelSettings:
-    """Resolve the clients' constructor arguments. Any certificate turns TLS on; later options win."""
+    """Resolve the clients' constructor arguments. Any certificate turns TLS on; later options win; a token
+    becomes `authorization: Bearer <token>` metadata on every call."""
     if not address:
         raise ValueError("address is empty; expected HOST:PORT")
+    fixed = tuple(metadata)
+    if token is not None:
+        if any(key.lower() == "authorization" for key, _ in fixed):
+            raise ValueError("give the token once: as token=, or as authorization metadata, not both")
+        fixed += (bearer_metadata(token),)
     merged = dict(DEFAULT_CHANNEL_OPTIONS)
     merged.update(options)
+    if load_balancing is not None:
+        merge_service_config(merged, load_balancing_config(load_balancing))
     credentials = None
     if tls or root_certificates is not None or private_key is not None or certificate_chain is not None:
         if (private_key is None) != (certificate_chain is None):
@@ -220,7 +238,37 @@ def channel_settings(
             private_key=_read_pem(private_key),
             certificate_chain=_read_pem(certificate_chain),
         )
-    return ChannelSettings(address, credentials, list(merged.items()), tuple(metadata))
+    return ChannelSettings(address, credentials, list(merged.items()), fixed)
+
+
+def bearer_metadata(token: str) -> tuple[str, str]:
+    """The `authorization` metadata entry for a bearer token (surrounding blanks, like a file's newline, are
+    dropped); ValueError for a token that cannot travel as one metadata value (empty, spaces, non-ASCII)."""
+    token = token.strip()
+    if not token or not all("!" <= char <= "~" for char in token):
+        raise ValueError("the token must be non-empty printable ASCII without spaces")
+    return ("authorization", f"Bearer {token}")
+
+
+#: gRPC's built-in client-side load-balancing policies: `round_robin` spreads calls over every address the target
+#: resolves to (`dns:///tensorgate-headless:8001`: one connection per pod); `pick_first`, gRPC's default, uses one.
+LOAD_BALANCING_POLICIES = ("pick_first", "round_robin")
+
+
+def load_balancing_config(policy: str) -> dict[str, Any]:
+    """The service config that picks the channel's load-balancing policy (see `LOAD_BALANCING_POLICIES`)."""
+    if policy not in LOAD_BALANCING_POLICIES:
+        raise ValueError(f"load_balancing must be one of {', '.join(LOAD_BALANCING_POLICIES)}; got {policy!r}")
+    return {"loadBalancingConfig": [{policy: {}}]}
+
+
+def merge_service_config(options: dict[str, Any], config: Mapping[str, Any]) -> None:
+    """Merge `config` into the channel's `grpc.service_config` option (JSON), keeping the keys already there
+    (a caller's or a retry policy's `methodConfig`): gRPC takes only one service config per channel."""
+    current = options.get("grpc.service_config") or "{}"
+    merged = json.loads(current) if isinstance(current, str) else dict(current)
+    merged.update(config)
+    options["grpc.service_config"] = json.dumps(merged)
 
 
 def resolve_timeout(timeout: float | None, default: float | None) -> float | None:

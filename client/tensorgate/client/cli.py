@@ -1,6 +1,7 @@
 """The `tensorgate` command: `serve` (the server's own CLI) and the client commands.
 
     tensorgate serve --repository examples/models          # needs the server: pip install tensorgate
+    tensorgate build-engine model.onnx --max-batch 64      # a TensorRT plan: pip install 'tensorgate[tensorrt]'
     tensorgate models
     tensorgate metadata digits
     tensorgate predict digits --input image=images.npy --save out/
@@ -104,9 +105,39 @@ def build_parser() -> argparse.ArgumentParser:
         help="deadline of each call (default: %(default)s)",
     )
     group.add_argument("--tls", action="store_true", help="use TLS (implied by the certificate options)")
-    group.add_argument("--tls-ca", type=Path, metavar="PEM", help="CA certificates to trust")
-    group.add_argument("--tls-cert", type=Path, metavar="PEM", help="client certificate chain (mutual TLS)")
-    group.add_argument("--tls-key", type=Path, metavar="PEM", help="client private key (mutual TLS)")
+    # Defaults from the environment, like --address; a flag given wins.
+    group.add_argument(
+        "--tls-ca",
+        type=Path,
+        default=os.environ.get("TENSORGATE_TLS_CA") or None,
+        metavar="PEM",
+        help="CA certificates to trust (default: $TENSORGATE_TLS_CA)",
+    )
+    group.add_argument(
+        "--tls-cert",
+        type=Path,
+        default=os.environ.get("TENSORGATE_TLS_CERT") or None,
+        metavar="PEM",
+        help="client certificate chain, for mutual TLS (default: $TENSORGATE_TLS_CERT)",
+    )
+    group.add_argument(
+        "--tls-key",
+        type=Path,
+        default=os.environ.get("TENSORGATE_TLS_KEY") or None,
+        metavar="PEM",
+        help="client private key, for mutual TLS (default: $TENSORGATE_TLS_KEY)",
+    )
+    # No defaults here: either flag beats both variables (see _token).
+    group.add_argument(
+        "--token",
+        help="bearer token sent with every call (default: $TENSORGATE_TOKEN; --token-file keeps it out of ps)",
+    )
+    group.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="FILE",
+        help="read the bearer token from FILE (default: $TENSORGATE_TOKEN_FILE)",
+    )
 
     parser = argparse.ArgumentParser(
         prog="tensorgate",
@@ -116,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     # Listed here for the help text only: main() hands `serve` and everything after it to the server's CLI.
     commands.add_parser("serve", add_help=False, help="run the server (options: tensorgate serve --help)")
+    commands.add_parser(
+        "build-engine", add_help=False, help="build a TensorRT plan from ONNX (options: tensorgate build-engine --help)"
+    )
 
     predict = commands.add_parser(
         "predict",
@@ -318,6 +352,24 @@ def format_metadata(meta: ModelMetadata) -> str:
 # Commands ---------------------------------------------------------------------------------------------------
 
 
+def _token(args: argparse.Namespace) -> str | None:
+    """--token, else --token-file, else $TENSORGATE_TOKEN, else $TENSORGATE_TOKEN_FILE; None: no token."""
+    token: str | None = args.token
+    path: Path | None = args.token_file
+    if token is not None and path is not None:
+        raise InputError("give --token or --token-file, not both")
+    if token is None and path is None:
+        token = os.environ.get("TENSORGATE_TOKEN") or None
+        if token is None and os.environ.get("TENSORGATE_TOKEN_FILE"):
+            path = Path(os.environ["TENSORGATE_TOKEN_FILE"])
+    if path is not None:
+        try:
+            token = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"cannot read the token from {path}: {exc}") from None
+    return token
+
+
 def _client(args: argparse.Namespace) -> Client:
     try:
         return Client(
@@ -327,6 +379,7 @@ def _client(args: argparse.Namespace) -> Client:
             private_key=args.tls_key,
             certificate_chain=args.tls_cert,
             timeout=args.timeout,
+            token=_token(args),
         )
     except (OSError, ValueError) as exc:  # an unreadable certificate file, an incomplete mutual TLS pair
         raise InputError(str(exc)) from None
@@ -370,13 +423,13 @@ def _run_health(args: argparse.Namespace) -> int:
     return 0 if status == "SERVING" else 1
 
 
-def _serve(argv: Sequence[str]) -> int:
+def _serve(argv: Sequence[str], module_name: str = "tensorgate.server.cli") -> int:
     # Imported by name: the server is another distribution, which a client-only install (and a type check of
     # the client alone) does not have.
     try:
-        module = importlib.import_module("tensorgate.server.cli")
+        module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name not in {"tensorgate", "tensorgate.server", "tensorgate.server.cli"}:
+        if exc.name not in {"tensorgate", "tensorgate.server", module_name}:
             raise  # the server is there but one of its own dependencies is not: show that
         print("error: the server is not installed: pip install tensorgate", file=sys.stderr)
         return 2
@@ -390,6 +443,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if arguments[:1] == ["serve"]:
             return _serve(arguments[1:])
+        if arguments[:1] == ["build-engine"]:  # server-side too: it needs the engines (and TensorRT)
+            return _serve(arguments[1:], "tensorgate.server.build_engine")
         parser = build_parser()
         args = parser.parse_args(arguments)
         if args.command is None:

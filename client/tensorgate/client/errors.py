@@ -10,7 +10,7 @@ exception's `__cause__`. What tensorgate means by each code (see the server's ta
     ├── DeadlineExceededError        DEADLINE_EXCEEDED   the deadline passed before or during the work
     ├── NotFoundError                NOT_FOUND           unknown model or version
     ├── AlreadyExistsError           ALREADY_EXISTS
-    ├── PermissionDeniedError        PERMISSION_DENIED   not allowed
+    ├── PermissionDeniedError        PERMISSION_DENIED   wrong token, identity not allowed, auth not configured
     ├── ResourceExhaustedError       RESOURCE_EXHAUSTED  queue full, message too large, too many streams
     ├── FailedPreconditionError      FAILED_PRECONDITION
     ├── AbortedError                 ABORTED
@@ -19,7 +19,7 @@ exception's `__cause__`. What tensorgate means by each code (see the server's ta
     ├── InternalError                INTERNAL            engine failure (the message has the request id)
     ├── UnavailableError             UNAVAILABLE         loading, draining, unreachable: the retryable one
     ├── DataLossError                DATA_LOSS
-    └── UnauthenticatedError         UNAUTHENTICATED     missing or wrong credentials
+    └── UnauthenticatedError         UNAUTHENTICATED     no credentials: the call needs a token or a client cert
 
 `CallCancelledError` is not named `CancelledError` so that it cannot be mistaken for (or shadow)
 `asyncio.CancelledError`, which is a different thing: the local task being cancelled.
@@ -117,7 +117,12 @@ class AlreadyExistsError(TensorgateClientError):
 
 
 class PermissionDeniedError(TensorgateClientError):
-    """PERMISSION_DENIED: the caller is known but not allowed to do this."""
+    """PERMISSION_DENIED: the credentials were read but do not allow this call.
+
+    From tensorgate: the bearer token is wrong, the client certificate's identity is not in the server's
+    `admin_identities`, or the server has no credentials configured and refuses state-changing calls (it is
+    not on loopback). The message says which, and what the server would accept.
+    """
 
     status = grpc.StatusCode.PERMISSION_DENIED
 
@@ -172,7 +177,12 @@ class DataLossError(TensorgateClientError):
 
 
 class UnauthenticatedError(TensorgateClientError):
-    """UNAUTHENTICATED: credentials are missing or wrong."""
+    """UNAUTHENTICATED: the call needs credentials and carried none the server could read.
+
+    From tensorgate: a model load/unload (or, under the server's `auth_inference`, any inference or listing
+    call) without `token=` (an `authorization: Bearer <token>` header) or an allowed client certificate. The
+    message says what the server accepts.
+    """
 
     status = grpc.StatusCode.UNAUTHENTICATED
 

@@ -409,6 +409,7 @@ class ModelConfig(_message.Message):
     DYNAMIC_BATCHING_FIELD_NUMBER: _builtins.int
     PARAMETERS_FIELD_NUMBER: _builtins.int
     BACKEND_FIELD_NUMBER: _builtins.int
+    ROUTING_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     platform: _builtins.str
     """"onnxruntime_onnx" or "tensorrt_plan"."""
@@ -429,6 +430,14 @@ class ModelConfig(_message.Message):
     def dynamic_batching(self) -> Global___ModelDynamicBatching: ...
     @_builtins.property
     def parameters(self) -> _containers.MessageMap[_builtins.str, Global___ModelParameter]: ...
+    @_builtins.property
+    def routing(self) -> Global___VersionRouting:
+        """tensorgate's own fields from here on, not Triton's: numbered from 1001 so that they stay clear of every
+        field number Triton has or may add. A config.pbtxt that uses them is not a Triton config any more.
+
+        How requests that pin no version are split between the served versions (canary / gray release).
+        """
+
     def __init__(
         self,
         *,
@@ -443,11 +452,80 @@ class ModelConfig(_message.Message):
         dynamic_batching: Global___ModelDynamicBatching | None = ...,
         parameters: _abc.Mapping[_builtins.str, Global___ModelParameter] | None = ...,
         backend: _builtins.str = ...,
+        routing: Global___VersionRouting | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["dynamic_batching", b"dynamic_batching", "version_policy", b"version_policy"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dynamic_batching", b"dynamic_batching", "routing", b"routing", "version_policy", b"version_policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "default_model_filename", b"default_model_filename", "dynamic_batching", b"dynamic_batching", "input", b"input", "instance_group", b"instance_group", "max_batch_size", b"max_batch_size", "name", b"name", "output", b"output", "parameters", b"parameters", "platform", b"platform", "version_policy", b"version_policy"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "default_model_filename", b"default_model_filename", "dynamic_batching", b"dynamic_batching", "input", b"input", "instance_group", b"instance_group", "max_batch_size", b"max_batch_size", "name", b"name", "output", b"output", "parameters", b"parameters", "platform", b"platform", "routing", b"routing", "version_policy", b"version_policy"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelConfig: _TypeAlias = ModelConfig  # noqa: Y015
+
+@_typing.final
+class VersionRouting(_message.Message):
+    """tensorgate's own (not Triton's): which served version a request goes to.
+
+    A request that pins a version (the request's version field, the OIP request parameter "version", or the
+    `pin_header` metadata header) goes to that version. Any other request is split between the versions named in
+    `weights`, in proportion to their weights, skipping versions that are not ready; without weights, it goes to
+    the highest ready version. With the `key_header` header, the choice is a deterministic function of its value
+    (the same client keeps landing on the same version); without it, the choice is random.
+
+      routing {
+        weights { key: 1 value: 90 }
+        weights { key: 2 value: 10 }
+      }
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class WeightsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.int
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.int = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    WEIGHTS_FIELD_NUMBER: _builtins.int
+    PIN_HEADER_FIELD_NUMBER: _builtins.int
+    KEY_HEADER_FIELD_NUMBER: _builtins.int
+    pin_header: _builtins.str
+    """The metadata header whose value (a version number) pins a request to that version. Default
+    "x-tensorgate-version".
+    """
+    key_header: _builtins.str
+    """The metadata header whose value is the routing key of a weighted choice. Default "x-client-id"."""
+    @_builtins.property
+    def weights(self) -> _containers.ScalarMap[_builtins.int, _builtins.int]:
+        """Version number -> relative weight. Every version named must be served (see version_policy), and at least one
+        weight must be above 0. Served versions not named here get no unpinned traffic.
+        """
+
+    def __init__(
+        self,
+        *,
+        weights: _abc.Mapping[_builtins.int, _builtins.int] | None = ...,
+        pin_header: _builtins.str = ...,
+        key_header: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_header", b"key_header", "pin_header", b"pin_header", "weights", b"weights"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VersionRouting: _TypeAlias = VersionRouting  # noqa: Y015

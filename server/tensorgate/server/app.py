@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -17,7 +20,9 @@ from tensorgate.server.api.oip import InferenceServicer
 from tensorgate.server.api.predict import PredictServicer
 from tensorgate.server.api.stream import StreamServicer
 from tensorgate.server.inference import InferenceService
+from tensorgate.server.overload import BreakerState, CircuitBreaker, Overload
 from tensorgate.server.repository import Repository, RepositorySettings
+from tensorgate.server.security import ServerSecurity
 from tensorgate.server.settings import ServerSettings
 from tensorgate.server.streams import StreamRegistry
 from tensorgate.server.telemetry import Telemetry
@@ -58,6 +63,8 @@ class Server:
 
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
+        #: TLS for the port and the access policy; ValueError (naming the setting and path) for bad ones.
+        self.security = ServerSecurity.from_settings(settings)
         #: Tracing, metrics and the access log, as the settings ask (ValueError for nonsensical ones).
         self.telemetry = Telemetry(settings)
         self.repository = Repository(
@@ -66,10 +73,18 @@ class Server:
                 max_queue_size=settings.max_queue_size,
                 default_max_batch_size=settings.default_max_batch_size,
                 intra_op_threads=settings.intra_op_threads,
+                plan_cache_dir=Path(settings.plan_cache) if settings.plan_cache else None,
+                settle_seconds=settings.repository_settle,
+                watch=settings.watch_repository,
             ),
             instrumentation=self.telemetry.instrumentation,
         )
+        # Rescans (signals, file changes) and repository RPCs change models while serving: health follows.
+        self.repository.add_listener(self._publish_model_health)
         self.health = health_aio.HealthServicer()
+        #: Rate limit, circuit breakers and per-request limits, as the settings ask (ValueError for bad ones).
+        self.overload = Overload.from_settings(settings, listener=self._breaker_changed)
+        self._health_tasks: set[asyncio.Task[None]] = set()
         #: The open streams of the Stream service, and the stream limit.
         self.streams = StreamRegistry(settings.max_streams)
         self.address = ""
@@ -83,17 +98,27 @@ class Server:
         limit = self.settings.max_message_bytes
         server = grpc.aio.server(
             # Innermost last: the error interceptor caches handlers (see its docstring). Telemetry sits outside it,
-            # so it sees each call's final status code.
-            interceptors=[*filter(None, [self.telemetry.interceptor(self.repository)]), ErrorInterceptor()],
+            # so it sees each call's final status code. The auth interceptor sits inside it, so that its refusals
+            # are mapped there; it does its per-call work in the handler, which the cache allows.
+            interceptors=[
+                *filter(None, [self.telemetry.interceptor(self.repository)]),
+                ErrorInterceptor(),
+                self.security.interceptor(),
+                *filter(None, [self.overload.interceptor()]),  # after auth: refused calls take no token
+            ],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
-                # A stale server on the same port must not silently share our traffic (FACTS.md).
-                ("grpc.so_reuseport", 0),
+                # A stale server on the same port must not silently share our traffic (FACTS.md); only the
+                # processes of `--workers N` share it on purpose (tensorgate.server.workers).
+                ("grpc.so_reuseport", 1 if self.settings.workers > 1 else 0),
+                *self.overload.server_options,
             ],
             maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs or None,
         )
-        service = InferenceService(self.repository, self.telemetry.probe)
+        service = InferenceService(
+            self.repository, self.telemetry.probe, limits=self.overload.limits, breakers=self.overload.breakers
+        )
         request_ids = RequestIds()
         predict_pb2_grpc.add_PredictServicer_to_server(PredictServicer(service, request_ids), server)
         stream_pb2_grpc.add_StreamServicer_to_server(
@@ -118,9 +143,10 @@ class Server:
             ),
             server,
         )
-        port = server.add_insecure_port(self.settings.address)
+        port = self.security.add_port(server, self.settings.address)
         if port == 0:
             raise OSError(f"cannot listen on {self.settings.address}")
+        self.security.log_warnings()
         try:
             self.telemetry.start(self.repository, host, port)
         except BaseException:
@@ -139,22 +165,39 @@ class Server:
         for name in SERVICE_NAMES:
             await self.health.set(name, serving)
         for entry in self.repository.models():
-            await self.health.set(entry.name, serving if entry.ready else not_serving)
+            await self.health.set(entry.name, serving if self.overload.serving(entry) else not_serving)
 
     async def _publish_model_health(self, name: str) -> None:
-        """One model's health status, after it was loaded or unloaded."""
-        ready = self.repository.model(name).ready
+        """One model's health status, after it was loaded, reloaded, unloaded or removed."""
+        ready = any(self.overload.serving(entry) for entry in self.repository.models() if entry.name == name)
         status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         await self.health.set(name, status)
+
+    def _breaker_changed(self, breaker: CircuitBreaker, state: BreakerState) -> None:
+        """A model version went out of or back into rotation: its gauge, and its model's health (on the loop)."""
+        if self.telemetry.metrics is not None:
+            self.telemetry.metrics.breaker_state(breaker.model, str(breaker.version)).value = state.value
+        if not self._draining:
+            task = asyncio.get_running_loop().create_task(self._publish_model_health(breaker.model))
+            self._health_tasks.add(task)
+            task.add_done_callback(self._health_tasks.discard)
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain and stop: NOT_SERVING, refuse new calls, let in-flight ones finish within `grace` seconds."""
         grace = self.settings.grace_period if grace is None else grace
         self._draining = True
+        started = time.monotonic()
         await self.health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace)
-        await self.repository.close(drain=True)
+        # Queued batches normally finish at once (their calls ended with the gRPC server). A hung engine would
+        # hold the drain forever: past the grace period, running batches are cancelled and their engines left to
+        # the process exit. At least a second, so a grace of 0 still lets finished batches be handed back.
+        remaining = max(grace - (time.monotonic() - started), 1.0)
+        try:
+            await asyncio.wait_for(self.repository.close(drain=True), remaining)
+        except TimeoutError:
+            log.warning("batches still running after the grace period (%.1f s) were abandoned", grace)
         self.telemetry.stop()
         log.info("stopped")
 

@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import fields
 from pathlib import Path
 
@@ -54,7 +54,8 @@ def _describe(server: Server) -> list[str]:
     return lines
 
 
-async def _serve(settings: ServerSettings) -> int:
+async def _serve(settings: ServerSettings, on_ready: Callable[[Server], None] | None = None) -> int:
+    """Serve until SIGTERM/SIGINT, then drain; `on_ready(server)` once it listens (a `--workers` worker reports in)."""
     try:
         server = Server(settings)
     except ValueError as exc:
@@ -66,11 +67,17 @@ async def _serve(settings: ServerSettings) -> int:
         print(f"error: {exc}", file=sys.stderr)
         await server.repository.close(drain=False)
         return 2
+    # SIGHUP / SIGUSR2 rescan the repository; signals arriving during a rescan coalesce into one more. Installed
+    # before the address is printed, so whoever reads it may signal at once (SIGHUP would otherwise kill us).
+    for signum in (signal.SIGHUP, signal.SIGUSR2):
+        asyncio.get_running_loop().add_signal_handler(signum, server.repository.request_rescan)
     print("\n".join(_describe(server)), flush=True)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
+    if on_ready is not None:  # after the handlers: a signal from then on drains
+        on_ready(server)
     await stopping.wait()
     print(f"tensorgate draining (grace period {settings.grace_period:g}s)", flush=True)
     await server.stop()
@@ -91,6 +98,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if settings.workers != 1:
+        from tensorgate.server.workers import run_workers  # imported here: it imports this module's _serve
+
+        return run_workers(settings)
     return asyncio.run(_serve(settings))
 
 

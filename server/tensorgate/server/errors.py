@@ -7,9 +7,11 @@ from exceptions to status codes is `tensorgate.server.api.interceptors`.
     ├── ModelNotFoundError          NOT_FOUND           unknown model or version
     ├── InvalidInputError           INVALID_ARGUMENT    bad dtype, shape, missing/extra input, byte length
     ├── ModelConfigError            INVALID_ARGUMENT    a config.pbtxt or model file that cannot be served
-    ├── ResourceExhaustedError      RESOURCE_EXHAUSTED  queue full, too large, too many
+    ├── ResourceExhaustedError      RESOURCE_EXHAUSTED  queue full, rate limited, too many (with a retry hint)
     ├── DeadlineExceededError       DEADLINE_EXCEEDED   the deadline passed before or during the work
-    ├── UnavailableError            UNAVAILABLE         model loading/unloading, server draining (retryable)
+    ├── UnavailableError            UNAVAILABLE         model loading/unloading, draining, breaker open (retryable)
+    ├── UnauthenticatedError        UNAUTHENTICATED     credentials needed and none given
+    ├── PermissionDeniedError       PERMISSION_DENIED   credentials not accepted for the call
     └── EngineFailedError           INTERNAL            the engine failed on a batch; carries the request id
 """
 
@@ -21,16 +23,28 @@ __all__ = [
     "InvalidInputError",
     "ModelConfigError",
     "ModelNotFoundError",
+    "PermissionDeniedError",
     "ResourceExhaustedError",
     "TensorgateError",
+    "UnauthenticatedError",
     "UnavailableError",
 ]
 
 
 class TensorgateError(Exception):
-    """Root of every error the server reports to a caller."""
+    """Root of every error the server reports to a caller.
+
+    `retry_after` (seconds, keyword-only; the class's default when not given) is when a retry may succeed; the
+    error interceptor sends it as the retry hint (`grpc-retry-pushback-ms`, `retry-after`). None: no hint.
+    """
 
     code: str = "INTERNAL"
+    retry_after: float | None = None
+
+    def __init__(self, *args: object, retry_after: float | None = None) -> None:
+        super().__init__(*args)
+        if retry_after is not None:
+            self.retry_after = retry_after
 
 
 class ModelNotFoundError(TensorgateError):
@@ -52,9 +66,13 @@ class ModelConfigError(TensorgateError):
 
 
 class ResourceExhaustedError(TensorgateError):
-    """A bound was reached (a full queue, a message too large); retrying later may succeed."""
+    """A bound was reached (a full queue, a rate limit, too many streams); retrying later may succeed.
+
+    Every one carries a retry hint: 1 s unless the raiser knows better (the rate limiter computes it).
+    """
 
     code = "RESOURCE_EXHAUSTED"
+    retry_after = 1.0
 
 
 class DeadlineExceededError(TensorgateError):
@@ -67,6 +85,19 @@ class UnavailableError(TensorgateError):
     """The model or the server cannot take the request right now (loading, unloading, draining)."""
 
     code = "UNAVAILABLE"
+
+
+class UnauthenticatedError(TensorgateError):
+    """The call needs credentials and carried none (or none in a form the server reads)."""
+
+    code = "UNAUTHENTICATED"
+
+
+class PermissionDeniedError(TensorgateError):
+    """The call's credentials are not accepted for it: a wrong token, an identity not allowed, or no way to
+    authorize the call at all on this server."""
+
+    code = "PERMISSION_DENIED"
 
 
 class EngineFailedError(TensorgateError):

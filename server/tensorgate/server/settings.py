@@ -62,6 +62,9 @@ class ServerSettings:
     intra_op_threads: int = _setting(
         0, "Threads each ONNX Runtime instance may use for one operator; 0 lets ONNX Runtime choose."
     )
+    plan_cache: str = _setting(
+        "", "Directory where TensorRT plans built at load are cached; empty means ~/.cache/tensorgate/plans."
+    )
     max_concurrent_rpcs: int = _setting(
         0, "Calls served at once; the excess is refused with RESOURCE_EXHAUSTED. 0 means no limit."
     )
@@ -86,6 +89,98 @@ class ServerSettings:
         1.0, "Share of traces started here (calls without a sampled `traceparent`) that are recorded, 0..1."
     )
     trace_frame_ratio: float = _setting(0.01, "Share of a traced stream's frames that get a span of their own, 0..1.")
+
+    # Security
+    tls_cert: str = _setting(
+        "", "PEM file of the server's certificate chain; with tls_key, the server speaks only TLS. Empty: plaintext."
+    )
+    tls_key: str = _setting("", "PEM file of the server's private key (unencrypted); goes with tls_cert.")
+    tls_client_ca: str = _setting(
+        "",
+        "PEM file of the CAs that sign client certificates; set: every client must present one (mutual TLS). "
+        "Needs tls_cert and tls_key.",
+    )
+    # Not in repr: settings may be logged, the token must not be.
+    auth_token: str = field(
+        default="",
+        repr=False,
+        metadata={
+            "help": "Bearer token that state-changing calls (model load/unload) must carry as metadata "
+            "'authorization: Bearer <token>'. Prefer auth_token_file: flags and variables are easier to leak."
+        },
+    )
+    auth_token_file: str = _setting("", "File holding the bearer token (one line), instead of auth_token.")
+    admin_identities: str = _setting(
+        "",
+        "Comma-separated client-certificate names (subject CN or SAN) allowed the state-changing calls without a "
+        "token; needs tls_client_ca.",
+    )
+    auth_inference: bool = _setting(
+        False,
+        "Also require the token or an admin identity for inference and model listings/metadata (health checks, "
+        "reflection and readiness probes stay open). False: only state-changing calls are guarded.",
+    )
+
+    # Scale-out
+    workers: int = _setting(
+        1,
+        "Server processes sharing the address (SO_REUSEPORT; Linux), each with its own engines; the parent "
+        "forwards signals and serves every worker's metrics, summed, on --metrics-address. A worker that dies "
+        "stops them all (exit 1), so the supervisor restarts the whole set.",
+    )
+
+    # Overload and limits
+    rate_limit: float = _setting(
+        0.0,
+        "Requests per second each client may make to the inference calls (Predict, ModelInfer; a stream counts "
+        "once, when it opens); past it RESOURCE_EXHAUSTED with a retry hint. 0 means no limit.",
+    )
+    rate_limit_burst: int = _setting(
+        0, "Requests a client may make at once before rate_limit paces it; 0 means rate_limit's (at least 1)."
+    )
+    rate_limit_key: str = _setting(
+        "x-client-id", "Metadata entry naming the client for rate_limit; without it, the peer's address is the client."
+    )
+    breaker_failures: int = _setting(
+        5,
+        "Consecutive requests failed by the engine (INTERNAL) that take a model version out of rotation: its calls "
+        "get UNAVAILABLE and its health NOT_SERVING until a trial request succeeds. 0 turns the breaker off.",
+    )
+    breaker_cooldown: float = _setting(
+        10.0, "Seconds a version stays out of rotation before one trial request is let through."
+    )
+    max_streams_per_connection: int = _setting(
+        0,
+        "HTTP/2 streams (calls) open at once on one client connection (grpc.max_concurrent_streams); the client "
+        "holds the excess until one ends. 0 means gRPC's default (no limit).",
+    )
+    max_frame_bytes: int = _setting(
+        0,
+        "Largest stream frame (Stream frame, ModelStreamInfer request), in bytes; a larger one gets a "
+        "RESOURCE_EXHAUSTED result and the stream goes on. 0 means only max_message_bytes applies.",
+    )
+    max_request_rows: int = _setting(
+        0,
+        "Rows (batch dimension) one request may carry, besides each model's max_batch_size; more is "
+        "INVALID_ARGUMENT. 0 means only max_batch_size applies.",
+    )
+    max_tensor_elements: int = _setting(
+        0,
+        "Elements one request tensor may have (the product of its shape), checked before it is decoded; more is "
+        "INVALID_ARGUMENT naming the tensor. 0 means no limit besides max_message_bytes.",
+    )
+
+    # Reload and routing
+    watch_repository: bool = _setting(
+        False,
+        "Rescan the repository when its files change (new, changed and removed models load, reload and unload); "
+        "SIGHUP and SIGUSR2 rescan either way.",
+    )
+    repository_settle: float = _setting(
+        1.0,
+        "Seconds a changed model's files must keep their size and mtime before a rescan loads them (files still "
+        "being written are not loaded half-written).",
+    )
 
     @classmethod
     def field_names(cls) -> list[str]:

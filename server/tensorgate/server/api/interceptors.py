@@ -7,6 +7,7 @@ else is a bug: it is logged with its traceback and the caller gets INTERNAL, and
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
@@ -15,15 +16,31 @@ from google.protobuf.message import DecodeError
 
 from tensorgate.server.errors import InvalidInputError, TensorgateError
 
-__all__ = ["ErrorInterceptor"]
+__all__ = ["RETRY_AFTER_KEY", "RETRY_PUSHBACK_KEY", "ErrorInterceptor", "retry_hint"]
 
 log = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
+#: The gRPC-standard trailer a client's retry policy honours (in milliseconds), and the HTTP-style one (seconds).
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+RETRY_AFTER_KEY = "retry-after"
+
+
+def retry_hint(exc: TensorgateError) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata that tells the caller when a retry may succeed (empty when the error has no hint)."""
+    if exc.retry_after is None:
+        return ()
+    seconds = max(0.0, exc.retry_after)
+    return ((RETRY_PUSHBACK_KEY, str(math.ceil(seconds * 1000))), (RETRY_AFTER_KEY, str(math.ceil(seconds))))
+
+
 async def _abort(context: Context, exc: Exception) -> None:
     if isinstance(exc, TensorgateError):
+        hint = retry_hint(exc)
+        if hint:
+            await context.abort(grpc.StatusCode[exc.code], str(exc), trailing_metadata=hint)
         await context.abort(grpc.StatusCode[exc.code], str(exc))
     log.exception("unexpected error in a handler", exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
@@ -101,8 +118,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Maps TensorgateError to its status code for methods under `prefixes` (our own services, and the Open
     Inference Protocol's `inference.` service).
 
-    Wrapped handlers are cached per method, so this must be the innermost interceptor: a cached call does not
-    call `continuation` again.
+    Wrapped handlers are cached per method: a cached call does not call `continuation` again. So interceptors
+    inside this one (auth, overload) must do their per-call work in the handler they return, never in
+    `intercept_service` itself.
     """
 
     def __init__(self, prefixes: tuple[str, ...] = ("/tensorgate.", "/inference.")) -> None:

@@ -65,7 +65,7 @@ class ModelsServicer(models_pb2_grpc.ModelsServicer):
         return models_pb2.ModelMetadataResponse(
             name=target.name,
             version=target.version,
-            platform=target.platform,
+            platform=target.serving_platform or target.platform,
             inputs=_specs(target.signature.inputs),
             outputs=_specs(target.signature.outputs),
             max_batch_size=target.signature.max_batch_size,

@@ -14,6 +14,7 @@ from tensorgate.server.api.codec import (
     requested_outputs,
 )
 from tensorgate.server.inference import InferenceRequest, InferenceService
+from tensorgate.server.repository.routing import routing_hints
 from tensorgate.v1 import predict_pb2, predict_pb2_grpc
 
 __all__ = ["PredictServicer"]
@@ -31,6 +32,7 @@ class PredictServicer(predict_pb2_grpc.PredictServicer):
     ) -> predict_pb2.PredictResponse:
         """Run one request through the model's batcher."""
         request_id = request.request_id or self._request_ids.new()
+        self._service.limits.check_elements(request.inputs)  # before decoding: a huge shape costs nothing
         result = await self._service.infer(
             InferenceRequest(
                 model=request.model,
@@ -40,6 +42,7 @@ class PredictServicer(predict_pb2_grpc.PredictServicer):
                 request_id=request_id,
                 deadline=deadline_from(context),
                 priority=request.priority,
+                routing=routing_hints(context.invocation_metadata()),
             )
         )
         return predict_pb2.PredictResponse(

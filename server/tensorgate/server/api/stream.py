@@ -22,6 +22,7 @@ from tensorgate.client.tensors import TensorFormatError, dtype_from_name, from_w
 from tensorgate.server.api.codec import RequestIds, deadline_from, decode_inputs, encode_outputs, status_number
 from tensorgate.server.errors import InvalidInputError, TensorgateError
 from tensorgate.server.inference import InferenceService
+from tensorgate.server.overload import Limits
 from tensorgate.server.repository import ModelVersion
 from tensorgate.server.streams import (
     Color,
@@ -96,7 +97,7 @@ class StreamServicer(stream_pb2_grpc.StreamServicer):
             # Fail the whole stream at once for an unknown model rather than every frame.
             target = self._service.repository.resolve(config.model, config.version or None)
             settings = _settings(config, deadline_from(context))
-            decoder = _Decoder(config, target)
+            decoder = _Decoder(config, target, self._service.limits)
             stream = FrameStream(self._service, settings, self._request_ids.new)
             self.registry.attach(token, stream)
             # aclosing: a client that goes away cancels the stream's tasks now, not when the generator is collected.
@@ -150,7 +151,8 @@ def _preprocess_settings(message: stream_pb2.Preprocessing) -> PreprocessSetting
 class _Decoder:
     """Makes each frame's inputs: its tensors, and its image through the stream's `ImagePlan`."""
 
-    def __init__(self, config: stream_pb2.StreamConfig, target: ModelVersion) -> None:
+    def __init__(self, config: stream_pb2.StreamConfig, target: ModelVersion, limits: Limits) -> None:
+        self.limits = limits
         self.plan: ImagePlan | None = None
         self.problem: TensorgateError | None = None
         signature = target.signature
@@ -173,6 +175,7 @@ class _Decoder:
         """The deferred decoding of `frame` (runs on a worker thread when the frame has an image)."""
 
         def decode() -> Inputs:
+            self.limits.check_elements(frame.inputs)
             inputs = decode_inputs(frame.inputs)
             if frame.HasField("image"):
                 if self.plan is None:
@@ -202,6 +205,12 @@ async def _frames(requests: AsyncIterator[stream_pb2.StreamRequest], decoder: _D
         kind = message.WhichOneof("kind")
         if kind == "frame":
             frame = message.frame
+            if decoder.limits.max_frame_bytes:
+                try:
+                    decoder.limits.check_frame(frame.ByteSize())
+                except TensorgateError as exc:  # that frame fails; the stream goes on
+                    yield StreamFrame(frame.sequence, _reject(exc), frame.capture_time_ns)
+                    continue
             yield StreamFrame(
                 frame.sequence, decoder.decoder(frame), frame.capture_time_ns, in_thread=frame.HasField("image")
             )

@@ -18,6 +18,7 @@ never mix their figures. What is fed per request is kept in plain numbers on the
 - `tensorgate_model_engine_info` (gauge, always 1; model, version, platform, engine): what serves each version.
 - `tensorgate_model_ready` (gauge; model, version): 1 ready, 0 not.
 - `tensorgate_stream_frames_dropped_total` (counter; model): frames a stream's drop policy discarded.
+- `tensorgate_breaker_state` (gauge; model, version): the version's circuit breaker, 0 closed, 1 half-open, 2 open.
 - `tensorgate_gpu_memory_used_bytes`, `tensorgate_gpu_memory_total_bytes`, `tensorgate_gpu_utilization_ratio`
   (gauges; gpu, name): through NVML, only where it loads (`nvidia-ml-py` installed, a driver, a GPU).
 
@@ -44,7 +45,16 @@ from prometheus_client.registry import Collector
 
 from tensorgate.server.repository import Repository
 
-__all__ = ["BATCH_BUCKETS", "LATENCY_BUCKETS", "Count", "Distribution", "Metrics", "StageTimers", "nvml_collector"]
+__all__ = [
+    "BATCH_BUCKETS",
+    "LATENCY_BUCKETS",
+    "WORKER_GAUGES",
+    "Count",
+    "Distribution",
+    "Metrics",
+    "StageTimers",
+    "nvml_collector",
+]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +80,21 @@ LATENCY_BUCKETS = (
 )
 #: Rows per batch.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+#: How `tensorgate serve --workers N` combines each gauge over its worker processes (counters and histograms add
+#: up; gauges not listed here add up too): "sum" for what each worker holds, "max" for what every worker sees alike
+#: (the same engine, the same GPU), "min" for readiness (ready only where every worker is). A new gauge belongs here.
+WORKER_GAUGES: dict[str, str] = {
+    "tensorgate_queue_depth": "sum",
+    "tensorgate_inflight_requests": "sum",
+    "tensorgate_rpcs_in_flight": "sum",
+    "tensorgate_model_ready": "min",
+    "tensorgate_breaker_state": "max",
+    "tensorgate_model_engine_info": "max",
+    "tensorgate_gpu_memory_used_bytes": "max",
+    "tensorgate_gpu_memory_total_bytes": "max",
+    "tensorgate_gpu_utilization_ratio": "max",
+}
 
 
 class Count:
@@ -157,6 +182,7 @@ class Metrics:
         self.engine_busy_seconds: dict[_Labels, Count] = {}
         self.rpcs_in_flight: dict[_Labels, Count] = {}
         self.frames_dropped: dict[_Labels, Count] = {}
+        self.breaker_states: dict[_Labels, Count] = {}
         registry.register(_HotPathCollector(self))
         self._repository: Repository | None = None
         registry.register(_RepositoryCollector(self._current_repository))
@@ -202,6 +228,10 @@ class Metrics:
     def count_dropped_frames(self, model: str, count: int) -> None:
         """`count` more frames of `model` dropped by a stream's policy."""
         _count(self.frames_dropped, (model,)).value += count
+
+    def breaker_state(self, model: str, version: str) -> Count:
+        """`tensorgate_breaker_state{model, version}`: set when the breaker changes state."""
+        return _count(self.breaker_states, (model, version))
 
     # -- lifecycle -----------------------------------------------------------------------------------------
 
@@ -299,6 +329,14 @@ class _HotPathCollector(Collector):
             ["model"],
             m.frames_dropped,
         )
+        breakers = GaugeMetricFamily(
+            "tensorgate_breaker_state",
+            "Each model version's circuit breaker: 0 closed, 1 half-open (a trial request), 2 open (out of rotation).",
+            labels=["model", "version"],
+        )
+        for labels, count in list(m.breaker_states.items()):
+            breakers.add_metric(list(labels), count.value)
+        yield breakers
 
 
 def _counters(name: str, documentation: str, labels: list[str], table: dict[_Labels, Count]) -> Metric:
@@ -343,7 +381,8 @@ class _RepositoryCollector(Collector):
         engines = GaugeMetricFamily(
             "tensorgate_model_engine_info",
             "What serves each ready model version (always 1; the labels say it).",
-            labels=["model", "version", "platform", "engine"],
+            # platform: what serves it; configured_platform: what its config asked for (they differ on a fallback).
+            labels=["model", "version", "platform", "configured_platform", "engine"],
         )
         repository = self._repository()
         if repository is not None:
@@ -355,7 +394,15 @@ class _RepositoryCollector(Collector):
                     if batcher is not None and version.ready:
                         depth.add_metric(labels, batcher.queue_depth)
                         in_flight.add_metric(labels, batcher.in_flight)
-                        engines.add_metric([*labels, version.platform, version.engine_description], 1.0)
+                        engines.add_metric(
+                            [
+                                *labels,
+                                version.serving_platform or version.platform,
+                                version.platform,
+                                version.engine_description,
+                            ],
+                            1.0,
+                        )
         yield from (depth, in_flight, ready, engines)
 
 

@@ -1,12 +1,13 @@
 """ModelInferRequest -> the core's InferenceRequest, and InferenceResult -> ModelInferResponse.
 
-Request parameters read: `priority` (integer; 1 is the highest level, 0 the model's default) and `timeout`
-(integer microseconds; the request fails with DEADLINE_EXCEEDED if its result is not ready by then; the call's
-own gRPC deadline applies too, whichever comes first). Sequence parameters are refused: tensorgate has no
-sequence batcher. Requested-output parameters read: `classification` (integer k: the top k classes as BYTES
-"value:index[:label]") and `binary_data` (bool): raw output bytes by default; typed `contents` when every
-requested output sets it false (or the request sets `binary_data_output` false). A gRPC response carries either
-raw_output_contents for every output or typed contents for every output, so a mix is refused.
+Request parameters read: `priority` (integer; 1 is the highest level, 0 the model's default), `version` (a version
+pin like `model_version`, integer or string) and `timeout` (integer microseconds; the request fails with
+DEADLINE_EXCEEDED if its result is not ready by then; the call's own gRPC deadline applies too, whichever comes
+first). Sequence parameters are refused: tensorgate has no sequence batcher. Requested-output parameters read:
+`classification` (integer k: the top k classes as BYTES "value:index[:label]") and `binary_data` (bool): raw output
+bytes by default; typed `contents` when every requested output sets it false (or the request sets
+`binary_data_output` false). A gRPC response carries either raw_output_contents for every output or typed contents
+for every output, so a mix is refused.
 """
 
 from __future__ import annotations
@@ -62,6 +63,23 @@ def _boolean(where: str, key: str, parameter: pb.InferParameter) -> bool:
     if parameter.WhichOneof("parameter_choice") != "bool_param":
         raise InvalidInputError(f"{where} parameter {key!r} must be a bool (bool_param)")
     return parameter.bool_param
+
+
+def _version(request: pb.ModelInferRequest) -> int | None:
+    """`model_version`, or the request parameter "version" (a pin for gray releases; either form, not both)."""
+    version = parse_version(request.model_version)
+    if "version" not in request.parameters:
+        return version
+    parameter = request.parameters["version"]
+    if parameter.WhichOneof("parameter_choice") == "string_param":
+        pinned = parse_version(parameter.string_param, "request parameter 'version'")
+    else:
+        pinned = _integer("request", "version", parameter)
+        if pinned <= 0:
+            raise InvalidInputError(f"request parameter 'version' must be a positive version number, got {pinned}")
+    if version is not None and pinned is not None and pinned != version:
+        raise InvalidInputError(f"model_version {version} and request parameter 'version' {pinned} disagree")
+    return version if pinned is None else pinned
 
 
 def _deadline(parameters: Parameters, call_deadline: float | None) -> float | None:
@@ -126,7 +144,7 @@ def decode_request(
     outputs, options = _output_options(request) if request.outputs or parameters else (None, OutputOptions())
     core = InferenceRequest(
         model=request.model_name,
-        version=parse_version(request.model_version),
+        version=_version(request) if parameters else parse_version(request.model_version),
         inputs=decode_inputs(request),
         outputs=outputs,
         request_id=request_id,

@@ -36,7 +36,8 @@ def model_metadata(target: ModelVersion, entry: ModelEntry) -> pb.ModelMetadataR
     return pb.ModelMetadataResponse(
         name=target.name,
         versions=[str(number) for number, version in sorted(entry.versions.items()) if version.ready],
-        platform=target.platform,
+        # The platform actually serving the version: a TensorRT model that fell back to ONNX Runtime says so.
+        platform=target.serving_platform or target.platform,
         inputs=_tensors(target.signature.inputs),
         outputs=_tensors(target.signature.outputs),
     )
@@ -46,9 +47,11 @@ def model_config(target: ModelVersion) -> pb.ModelConfigResponse:
     """The version's completed config as `inference.ModelConfig`, with the platform and backend filled in.
 
     `tensorgate.v1.ModelConfig` and our `inference.ModelConfig` share field numbers, so the wire format converts
-    one into the other.
+    one into the other. Our own extensions (field numbers from 1000, e.g. `routing`) are not Triton's: the
+    conversion would carry them as unknown fields, so they are dropped.
     """
     config = model_config_pb2.ModelConfig.FromString(target.config.SerializeToString())
+    config.DiscardUnknownFields()
     config.platform = config.platform or target.platform
     if not config.backend:
         with contextlib.suppress(EngineError):

@@ -25,6 +25,7 @@ from tensorgate.server.api.oip.models import model_config, model_metadata, model
 from tensorgate.server.errors import InvalidInputError, ModelNotFoundError, TensorgateError
 from tensorgate.server.inference import InferenceService
 from tensorgate.server.repository import ModelVersion
+from tensorgate.server.repository.routing import RoutingHints, routing_hints
 
 __all__ = ["EXTENSIONS", "InferenceServicer"]
 
@@ -168,12 +169,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:  # noqa: N802
         """Run one request through the model's batcher."""
-        return await self._infer(request, deadline_from(context))
+        return await self._infer(request, deadline_from(context), routing_hints(context.invocation_metadata()))
 
-    async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
+    async def _infer(
+        self, request: pb.ModelInferRequest, deadline: float | None, routing: RoutingHints | None = None
+    ) -> pb.ModelInferResponse:
+        self._service.limits.check_elements(request.inputs)  # before decoding: a huge shape costs nothing
         core, options = decode_request(
             request, request_id=request.id or self._request_ids.new(), call_deadline=deadline
         )
+        core.routing = routing  # the call's headers: a version pin, the weighted routing key
         result = await self._service.infer(core)
         target: ModelVersion | None = None
         if options.classification:
@@ -226,6 +231,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _stream_one(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelStreamInferResponse:
         try:
+            if self._service.limits.max_frame_bytes:
+                self._service.limits.check_frame(request.ByteSize(), "streamed request")
             return pb.ModelStreamInferResponse(infer_response=await self._infer(request, deadline))
         except TensorgateError as exc:
             message = str(exc)

@@ -1,0 +1,108 @@
+"""The rate limit interceptor: each inference call takes a token from its client's bucket, or is refused.
+
+The inference calls are `tensorgate.v1.Predict/Predict`, `tensorgate.v1.Stream/Stream`,
+`inference.GRPCInferenceService/ModelInfer` and `.../ModelStreamInfer`; other calls (model listings, health,
+repository changes) are not limited. A stream takes one token when it opens, not one per frame: a camera's frames
+are paced by the stream's own drop policy and in-flight bound, and its results must not turn into errors at 30 fps.
+
+The client is the value of the `key` metadata entry (e.g. `x-client-id`), else the peer's address without its port,
+so opening new connections does not reset a client's bucket. The check runs in the handler, before the request
+is decoded or queued; a refusal is a `ResourceExhaustedError` carrying the wait, which the error interceptor maps
+to RESOURCE_EXHAUSTED with the retry hint. So this interceptor sits inside the error interceptor, and like it
+returns the same wrapped handler for every call of a method (the error interceptor caches it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, cast
+
+import grpc
+
+from tensorgate.server.overload.rate_limit import RateLimiter
+
+__all__ = ["INFERENCE_METHODS", "RateLimitInterceptor", "client_key"]
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+#: The calls that are rate limited.
+INFERENCE_METHODS = frozenset(
+    {
+        "/tensorgate.v1.Predict/Predict",
+        "/tensorgate.v1.Stream/Stream",
+        "/inference.GRPCInferenceService/ModelInfer",
+        "/inference.GRPCInferenceService/ModelStreamInfer",
+    }
+)
+# A client id longer than this is cut: it is only a bucket's name, and buckets must stay small.
+_MAX_KEY_CHARS = 256
+
+
+def client_key(metadata: Any, peer: Callable[[], str], key: str) -> str:
+    """The client a call counts against: "id:<value of the `key` entry>", else "peer:<address without port>"."""
+    for name, value in metadata or ():
+        if name == key:
+            text = value if isinstance(value, str) else bytes(value).hex()
+            return "id:" + text[:_MAX_KEY_CHARS]
+    address = peer() or "unknown"
+    # "ipv4:10.0.0.1:5432" / "ipv6:[::1]:5432" -> without the port; "unix:/path" has none.
+    if address.startswith(("ipv4:", "ipv6:")):
+        address = address.rpartition(":")[0]
+    return "peer:" + address
+
+
+class RateLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Applies `limiter` to the calls in `methods`, per client (see the module docstring)."""
+
+    def __init__(
+        self, limiter: RateLimiter, *, key: str = "x-client-id", methods: frozenset[str] = INFERENCE_METHODS
+    ) -> None:
+        self.limiter = limiter
+        self.key = key.lower()  # gRPC metadata names arrive lower-case
+        self._methods = methods
+        self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        method: str = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None:
+            return cached
+        handler = await continuation(handler_call_details)
+        if handler is None or method not in self._methods:
+            return handler
+        wrapped = self._wrap(handler)
+        self._wrapped[method] = wrapped
+        return wrapped
+
+    def _check(self, context: Context) -> None:
+        self.limiter.check(client_key(context.invocation_metadata(), context.peer, self.key))
+
+    def _wrap(self, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+        deserialize, serialize = handler.request_deserializer, handler.response_serializer
+        # As in the error interceptor: on a grpc.aio server the behaviours are coroutines and async generators.
+        if handler.unary_unary is not None:
+            unary = cast(Callable[[Any, Context], Awaitable[Any]], handler.unary_unary)
+
+            async def limited_unary(request: Any, context: Context) -> Any:
+                self._check(context)
+                return await unary(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                limited_unary, request_deserializer=deserialize, response_serializer=serialize
+            )
+        if handler.stream_stream is not None:
+            stream = cast(Callable[[Any, Context], AsyncIterator[Any]], handler.stream_stream)
+
+            async def limited_stream(requests: Any, context: Context) -> AsyncIterator[Any]:
+                self._check(context)
+                async for response in stream(requests, context):
+                    yield response
+
+            return grpc.stream_stream_rpc_method_handler(
+                cast(Any, limited_stream), request_deserializer=deserialize, response_serializer=serialize
+            )
+        return handler
