@@ -38,9 +38,12 @@ class FlakyEngine:
     """y = x over FP32 [-1, 1]; every batch fails while `failing` is set. Counts the batches it is given."""
 
     failing: ClassVar[bool] = False
+    # When not empty, only these versions fail while `failing` is set.
+    failing_versions: ClassVar[set[int]] = set()
     batches: ClassVar[int] = 0
 
     def __init__(self, settings: EngineSettings) -> None:
+        self.version = int(settings.model_file.parent.name)
         self.inputs = (TensorSpec("x", np.dtype(np.float32), (-1, 1)),)
         self.outputs = (TensorSpec("y", np.dtype(np.float32), (-1, 1)),)
         self.instance_count = 1
@@ -56,7 +59,7 @@ class FlakyEngine:
         self, inputs: Mapping[str, npt.NDArray[Any]], *, instance: int = 0, outputs: Sequence[str] | None = None
     ) -> dict[str, npt.NDArray[Any]]:
         FlakyEngine.batches += 1
-        if FlakyEngine.failing:
+        if FlakyEngine.failing and (not FlakyEngine.failing_versions or self.version in FlakyEngine.failing_versions):
             raise RuntimeError("injected engine failure")
         return {"y": np.array(inputs["x"], np.float32)}
 
@@ -75,10 +78,12 @@ output [ { name: "y", data_type: TYPE_FP32, dims: [ 1 ] } ]
 """
 
 
-def _add_flaky_model(repository: Path) -> Path:
-    (repository / "flaky" / "1").mkdir(parents=True)
-    (repository / "flaky" / "config.pbtxt").write_text(FLAKY_CONFIG)
+def _add_flaky_model(repository: Path, versions: tuple[int, ...] = (1,)) -> Path:
+    for version in versions:
+        (repository / "flaky" / str(version)).mkdir(parents=True)
+    (repository / "flaky" / "config.pbtxt").write_text(FLAKY_CONFIG + "version_policy { all { } }\n")
     FlakyEngine.failing = False
+    FlakyEngine.failing_versions = set()
     FlakyEngine.batches = 0
     return repository
 
@@ -267,6 +272,31 @@ def test_breaker_takes_a_failing_version_out_of_rotation_and_back(tmp_path: Path
         finally:
             FlakyEngine.failing = False
             cast(Any, watch).cancel()
+
+
+def test_unpinned_requests_route_around_a_version_whose_breaker_is_open(tmp_path: Path) -> None:
+    repository = _add_flaky_model(tmp_path, versions=(1, 2))
+    with (
+        running_server(repository, breaker_failures=2, breaker_cooldown=60) as server,
+        grpc.insecure_channel(server.address) as channel,
+    ):
+        predict = predict_pb2_grpc.PredictStub(channel).Predict
+        assert predict(_x_request("flaky"), timeout=30).version == 2  # the highest ready version
+        FlakyEngine.failing, FlakyEngine.failing_versions = True, {2}
+        try:
+            for _ in range(2):
+                assert _refusal(predict, _x_request("flaky")).code() == grpc.StatusCode.INTERNAL
+            # Version 2 is out of rotation: unpinned requests go to version 1 instead of failing...
+            for _ in range(3):
+                assert predict(_x_request("flaky"), timeout=30).version == 1
+            # ...while a request pinned to version 2 hears that it is out of rotation.
+            pinned = _x_request("flaky")
+            pinned.version = 2
+            error = _refusal(predict, pinned)
+            assert error.code() == grpc.StatusCode.UNAVAILABLE
+            assert "out of rotation" in (error.details() or "")
+        finally:
+            FlakyEngine.failing, FlakyEngine.failing_versions = False, set()
 
 
 def test_breaker_off_keeps_answering_internal(tmp_path: Path) -> None:

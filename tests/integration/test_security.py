@@ -237,7 +237,7 @@ async def test_async_client_sends_tls_and_token(guarded_server: ServerThread, pk
 def test_cli_with_tls_ca_and_token(
     guarded_server: ServerThread, pki: Pki, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for variable in ("TENSORGATE_TOKEN", "TENSORGATE_TOKEN_FILE", "TENSORGATE_TLS_CERT", "TENSORGATE_TLS_KEY"):
+    for variable in ("TENSORGATE_TOKEN", "TENSORGATE_TOKEN_FILE", "TENSORGATE_CLIENT_CERT", "TENSORGATE_CLIENT_KEY"):
         monkeypatch.delenv(variable, raising=False)
     connect = ["--address", guarded_server.address, "--tls-ca", str(pki.ca.cert_path)]
 
@@ -308,6 +308,20 @@ def test_mtls_with_the_right_certificate_works(mtls_server: ServerThread, pki: P
     ) as client:
         assert client.health() == "SERVING"
         assert _add(client) == [3.0] * 4
+
+
+def test_the_cli_takes_its_client_certificate_from_its_own_variables(
+    mtls_server: ServerThread, pki: Pki, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The server's TENSORGATE_TLS_CERT/KEY (its own certificate) in the same shell must not become the client's.
+    viewer = pki.client("viewer")
+    monkeypatch.setenv("TENSORGATE_TLS_CERT", str(pki.server.cert_path))
+    monkeypatch.setenv("TENSORGATE_TLS_KEY", str(pki.server.key_path))
+    monkeypatch.setenv("TENSORGATE_CLIENT_CERT", str(viewer.cert_path))
+    monkeypatch.setenv("TENSORGATE_CLIENT_KEY", str(viewer.key_path))
+    monkeypatch.delenv("TENSORGATE_TOKEN", raising=False)
+    assert cli_main(["health", "--address", mtls_server.address, "--tls-ca", str(pki.ca.cert_path)]) == 0
+    assert "SERVING" in capsys.readouterr().out
 
 
 def test_only_admin_identities_may_load_and_unload(mtls_server: ServerThread, pki: Pki) -> None:

@@ -24,20 +24,25 @@ from tensorgate.client._common import (
     TensorInfo,
     VersionInfo,
 )
+from tensorgate.client._retry import NO_RETRIES, RETRY_SERVICE_CONFIG_JSON
 from tensorgate.client._sync import Client
 from tensorgate.client.errors import (
     DeadlineExceededError,
     InternalError,
     InvalidArgumentError,
     NotFoundError,
+    PermissionDeniedError,
     ResourceExhaustedError,
     TensorgateClientError,
+    UnauthenticatedError,
     UnavailableError,
 )
 from tensorgate.client.frames import Frame, FrameTimings, Image, Preprocessing
 
 __all__ = [
     "DEFAULT_CHANNEL_OPTIONS",
+    "NO_RETRIES",
+    "RETRY_SERVICE_CONFIG_JSON",
     "AsyncClient",
     "Client",
     "DeadlineExceededError",
@@ -50,11 +55,13 @@ __all__ = [
     "ModelInfo",
     "ModelMetadata",
     "NotFoundError",
+    "PermissionDeniedError",
     "Preprocessing",
     "ResourceExhaustedError",
     "StreamResult",
     "TensorInfo",
     "TensorgateClientError",
+    "UnauthenticatedError",
     "UnavailableError",
     "VersionInfo",
 ]

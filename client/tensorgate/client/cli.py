@@ -116,16 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--tls-cert",
         type=Path,
-        default=os.environ.get("TENSORGATE_TLS_CERT") or None,
+        default=os.environ.get("TENSORGATE_CLIENT_CERT") or None,
         metavar="PEM",
-        help="client certificate chain, for mutual TLS (default: $TENSORGATE_TLS_CERT)",
+        help="client certificate chain, for mutual TLS (default: $TENSORGATE_CLIENT_CERT)",
     )
     group.add_argument(
         "--tls-key",
         type=Path,
-        default=os.environ.get("TENSORGATE_TLS_KEY") or None,
+        default=os.environ.get("TENSORGATE_CLIENT_KEY") or None,
         metavar="PEM",
-        help="client private key, for mutual TLS (default: $TENSORGATE_TLS_KEY)",
+        help="client private key, for mutual TLS (default: $TENSORGATE_CLIENT_KEY)",
     )
     # No defaults here: either flag beats both variables (see _token).
     group.add_argument(

@@ -91,7 +91,8 @@ class InferenceService:
 
     def route(self, request: InferenceRequest) -> ModelVersion:
         """The `route` stage: the ready model version the request goes to."""
-        return self.repository.resolve(request.model, request.version, request.routing)
+        in_rotation = self.breakers.in_rotation if self.breakers is not None else None
+        return self.repository.resolve(request.model, request.version, request.routing, in_rotation)
 
     async def run(self, target: ModelVersion, request: InferenceRequest, *, tag: object = None) -> InferenceResult:
         """Check and run a routed request through `target`'s batcher; `tag` goes to the batch (`current_batch`)."""

@@ -258,6 +258,11 @@ class Breakers:
             self._listener(breaker, BreakerState.CLOSED)  # the old load's breaker is gone with it
         return breaker
 
+    def in_rotation(self, target: ModelVersion) -> bool:
+        """Whether unpinned requests may be routed to `target`: False while its breaker is open."""
+        found = self._breakers.get((target.name, target.version))
+        return found is None or found[0]() is not target.batcher or found[1].state is not BreakerState.OPEN
+
     def serving(self, entry: ModelEntry) -> bool:
         """False while any ready version of the model is out of rotation (OPEN); its health says NOT_SERVING then."""
         for number, version in entry.versions.items():

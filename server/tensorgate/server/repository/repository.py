@@ -489,9 +489,18 @@ class Repository:
         except KeyError:
             raise ModelNotFoundError(f"unknown model {name!r}") from None
 
-    def resolve(self, name: str, version: int | None = None, hints: RoutingHints | None = None) -> ModelVersion:
+    def resolve(
+        self,
+        name: str,
+        version: int | None = None,
+        hints: RoutingHints | None = None,
+        in_rotation: Callable[[ModelVersion], bool] | None = None,
+    ) -> ModelVersion:
         """The version a request goes to: `version` if given, else the one the pin header in `hints` names, else
         the model's weighted choice (`routing` in its config), else the highest ready one.
+
+        Unpinned requests avoid ready versions that `in_rotation` turns down (a version whose circuit breaker is
+        open) while another ready version takes them; a pinned request goes where it is pinned.
 
         NOT_FOUND for an unknown model or version; UNAVAILABLE when the version exists but is not ready;
         INVALID_ARGUMENT for a pin header that is not a version number.
@@ -511,13 +520,18 @@ class Repository:
                     + (f": {found.reason}" if found.reason else "")
                 )
             return found
+        ready = {number: v.ready for number, v in entry.versions.items()}
+        if in_rotation is not None and any(ready.values()):
+            rotating = {number: is_ready and in_rotation(entry.versions[number]) for number, is_ready in ready.items()}
+            if any(rotating.values()):
+                ready = rotating
         if router.weights:
-            chosen = router.choose({number: v.ready for number, v in entry.versions.items()}, hints)
+            chosen = router.choose(ready, hints)
             if chosen is not None:
                 return entry.versions[chosen]
         else:
-            for number in sorted(entry.versions, reverse=True):
-                if entry.versions[number].ready:
+            for number in sorted(ready, reverse=True):
+                if ready[number]:
                     return entry.versions[number]
         reason = entry.reason or "; ".join(v.reason for v in entry.versions.values() if v.reason) or "loading"
         raise UnavailableError(f"model {name!r} has no ready version: {reason}")
