@@ -19,12 +19,21 @@ from tensorgate.client.tensors import from_tensor, to_tensor
 from tensorgate.oip import grpc_service_pb2 as pb
 from tensorgate.oip import grpc_service_pb2_grpc as pb_grpc
 from tensorgate.server.repository.routing import DEFAULT_KEY_HEADER, DEFAULT_PIN_HEADER
-from tensorgate.v1 import model_config_pb2, models_pb2, models_pb2_grpc, predict_pb2, predict_pb2_grpc
+from tensorgate.v1 import (
+    model_config_pb2,
+    models_pb2,
+    models_pb2_grpc,
+    predict_pb2,
+    predict_pb2_grpc,
+    stream_pb2,
+    stream_pb2_grpc,
+)
 from tests.integration.test_reload import serving_model
 from tests.support.serving import ServerThread
 from tests.support.telemetry import scrape, telemetry_server, wait_for
 
 PREDICT = "tensorgate.v1.Predict/Predict"
+BLOCK = stream_pb2.DROP_POLICY_BLOCK  # every frame is answered
 CANARY = """
 version_policy { all { } }
 routing {
@@ -203,3 +212,25 @@ def test_the_oip_model_config_leaves_our_routing_extension_out(channel: grpc.Cha
     assert config.name == "canary"
     # Read back as our own message, nothing of `routing` came over the wire.
     assert not model_config_pb2.ModelConfig.FromString(config.SerializeToString()).HasField("routing")
+
+
+def test_streams_honour_the_pin_header_for_every_frame(channel: grpc.Channel) -> None:
+    pin_two = ((DEFAULT_PIN_HEADER, "2"),)
+    x = np.array([[1.0, 2.0]], np.float32)
+    requests = [stream_pb2.StreamRequest(config=stream_pb2.StreamConfig(model="canary", drop_policy=BLOCK))]
+    requests += [
+        stream_pb2.StreamRequest(frame=stream_pb2.Frame(sequence=i, inputs=[to_tensor("x", x)])) for i in range(6)
+    ]
+    replies = list(stream_pb2_grpc.StreamStub(channel).Stream(iter(requests), timeout=30, metadata=pin_two))
+    assert [reply.version for reply in replies] == [2] * 6
+
+    oip_requests = []
+    for _ in range(6):
+        request = pb.ModelInferRequest(model_name="canary")
+        request.inputs.add(name="x", datatype="FP32", shape=[1, 2])
+        request.raw_input_contents.append(x.tobytes())
+        oip_requests.append(request)
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    answers = list(stub.ModelStreamInfer(iter(oip_requests), timeout=30, metadata=pin_two))
+    assert [answer.error_message for answer in answers] == [""] * 6
+    assert [answer.infer_response.model_version for answer in answers] == ["2"] * 6

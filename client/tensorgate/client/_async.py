@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy.typing as npt
 
 from tensorgate.client import _common, _health, _tracing
-from tensorgate.client._common import Inputs, ModelInfo, ModelMetadata, StreamFrame, StreamResult
+from tensorgate.client._common import Inputs, ModelInfo, ModelMetadata, RepositoryEntry, StreamFrame, StreamResult
 from tensorgate.client.errors import InternalError, TensorgateClientError
 from tensorgate.client.frames import Preprocessing
 from tensorgate.v1 import models_pb2, models_pb2_grpc, predict_pb2_grpc, stream_pb2, stream_pb2_grpc
+
+if TYPE_CHECKING:  # imported on first use only (see `AsyncClient._oip`)
+    from tensorgate.oip.grpc_service_pb2_grpc import GRPCInferenceServiceAsyncStub
 
 __all__ = ["AsyncClient"]
 
@@ -206,6 +210,53 @@ class AsyncClient:
         """
         with _common.rpc_errors():
             return await self._health_check(service, timeout=self.timeout, metadata=self._metadata)
+
+    @functools.cached_property
+    def _oip(self) -> GRPCInferenceServiceAsyncStub:
+        # Imported on first use, as in `Client._oip` (tritonclient cannot share a process with these stubs).
+        from tensorgate.oip import grpc_service_pb2_grpc
+
+        return grpc_service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+
+    async def load(
+        self,
+        model: str,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 (a gRPC deadline, see predict)
+    ) -> list[RepositoryEntry]:
+        """Load or reload the model directory `model`; return its repository index entries once it serves.
+
+        See `Client.load` (the same errors: NotFoundError, InvalidArgumentError with the server's reason,
+        UnauthenticatedError / PermissionDeniedError).
+        """
+        request = _common.build_load_request(model)
+        deadline = _common.resolve_timeout(timeout, self.timeout)
+        with _common.rpc_errors():
+            await self._oip.RepositoryModelLoad(request, timeout=deadline, metadata=self._metadata)
+            index = await self._oip.RepositoryIndex(
+                _common.build_repository_request(), timeout=deadline, metadata=self._metadata
+            )
+        return _common.parse_repository(index, model=model)
+
+    async def unload(
+        self,
+        model: str,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 (a gRPC deadline, see predict)
+    ) -> None:
+        """Stop serving `model`; returns once its queued requests have finished. See `Client.unload`."""
+        request = _common.build_unload_request(model)
+        with _common.rpc_errors():
+            await self._oip.RepositoryModelUnload(
+                request, timeout=_common.resolve_timeout(timeout, self.timeout), metadata=self._metadata
+            )
+
+    async def repository(self, *, ready: bool = False) -> list[RepositoryEntry]:
+        """The server's repository index (with `ready`, only the versions that serve); see `Client.repository`."""
+        request = _common.build_repository_request(ready=ready)
+        with _common.rpc_errors():
+            response = await self._oip.RepositoryIndex(request, timeout=self.timeout, metadata=self._metadata)
+        return _common.parse_repository(response)
 
     async def close(self) -> None:
         """Close the channel; calls in flight are cancelled."""

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy.typing as npt
@@ -29,6 +29,9 @@ from tensorgate.client.frames import Frame, FrameTimings, Image, Preprocessing, 
 from tensorgate.client.tensors import TensorFormatError, from_tensor, from_wire_dtype, to_tensor
 from tensorgate.v1 import models_pb2, predict_pb2, stream_pb2, tensor_pb2
 
+if TYPE_CHECKING:  # imported on first use only: see build_load_request
+    from tensorgate.oip import grpc_service_pb2 as oip_pb2
+
 __all__ = [
     "DEFAULT_CHANNEL_OPTIONS",
     "LOAD_BALANCING_POLICIES",
@@ -38,15 +41,19 @@ __all__ = [
     "Inputs",
     "ModelInfo",
     "ModelMetadata",
+    "RepositoryEntry",
     "StreamFrame",
     "StreamResult",
     "TensorInfo",
     "VersionInfo",
     "bearer_metadata",
+    "build_load_request",
     "build_metadata_request",
     "build_predict_request",
     "build_ready_request",
+    "build_repository_request",
     "build_stream_config",
+    "build_unload_request",
     "channel_settings",
     "is_lost_stream_status",
     "load_balancing_config",
@@ -54,6 +61,7 @@ __all__ = [
     "parse_metadata",
     "parse_models",
     "parse_outputs",
+    "parse_repository",
     "parse_stream_response",
     "rpc_errors",
 ]
@@ -181,6 +189,29 @@ class ModelMetadata:
             if info.name == name:
                 return info
         raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class RepositoryEntry:
+    """One entry of the server's repository index (the Open Inference Protocol's `RepositoryIndex`).
+
+    Attributes:
+        name: the model's name (its directory in the repository).
+        version: the version; None for an entry of the model as a whole, which has no version loaded
+            (unloaded, or none could be read: see `reason`).
+        state: "READY", "LOADING", "UNLOADING" or "UNAVAILABLE" (failed or unloaded: see `reason`).
+        reason: why the entry is not ready, e.g. "unloaded" or the load error; empty when there is nothing to say.
+    """
+
+    name: str
+    version: int | None
+    state: str
+    reason: str = ""
+
+    @property
+    def ready(self) -> bool:
+        """Whether this version takes requests."""
+        return self.state == "READY"
 
 
 # Channel --------------------------------------------------------------------------------------------------
@@ -403,6 +434,38 @@ def build_ready_request(model: str, *, version: int | None = None) -> models_pb2
     return models_pb2.ModelReadyRequest(model=model, version=_wire_version(version))
 
 
+def _model_name(model: str) -> str:
+    if not isinstance(model, str) or not model:
+        raise ValueError(f"model must be a model's name (its directory in the repository); got {model!r}")
+    return model
+
+
+# The Open Inference Protocol's modules are imported on first use, here and in the clients: importing them
+# registers the protobuf package `inference`, as tritonclient's own stubs do, and the two cannot share a process
+# (FACTS.md). So `import tensorgate.client` beside tritonclient keeps working; only the repository calls need them.
+
+
+def build_load_request(model: str) -> oip_pb2.RepositoryModelLoadRequest:
+    """The `RepositoryModelLoadRequest` for `load` (one repository per server: no repository name)."""
+    from tensorgate.oip import grpc_service_pb2 as messages
+
+    return messages.RepositoryModelLoadRequest(model_name=_model_name(model))
+
+
+def build_unload_request(model: str) -> oip_pb2.RepositoryModelUnloadRequest:
+    """The `RepositoryModelUnloadRequest` for `unload`."""
+    from tensorgate.oip import grpc_service_pb2 as messages
+
+    return messages.RepositoryModelUnloadRequest(model_name=_model_name(model))
+
+
+def build_repository_request(*, ready: bool = False) -> oip_pb2.RepositoryIndexRequest:
+    """The `RepositoryIndexRequest` for `repository`: every entry, or with `ready` the ready ones only."""
+    from tensorgate.oip import grpc_service_pb2 as messages
+
+    return messages.RepositoryIndexRequest(ready=ready)
+
+
 # Responses ------------------------------------------------------------------------------------------------
 
 
@@ -428,6 +491,20 @@ def parse_stream_response(response: stream_pb2.StreamResponse) -> StreamResult:
         dropped=response.dropped,
         timings=FrameTimings.from_message(response.timings),
     )
+
+
+def _index_version(text: str) -> int | None:
+    # The protocol carries versions as strings; tensorgate's (and Triton's) are numbers, "" for a whole model.
+    return int(text) if text.isdigit() else None
+
+
+def parse_repository(response: oip_pb2.RepositoryIndexResponse, *, model: str | None = None) -> list[RepositoryEntry]:
+    """A `RepositoryIndexResponse` as `RepositoryEntry`s in the server's order; only `model`'s when given."""
+    return [
+        RepositoryEntry(entry.name, _index_version(entry.version), entry.state, entry.reason)
+        for entry in response.models
+        if model is None or entry.name == model
+    ]
 
 
 def _version_state(value: int) -> str:

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Generator, Iterable, Iterator
 from types import TracebackType
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import grpc
 import numpy.typing as npt
 
 from tensorgate.client import _common, _health, _tracing
-from tensorgate.client._common import Inputs, ModelInfo, ModelMetadata, StreamFrame, StreamResult
+from tensorgate.client._common import Inputs, ModelInfo, ModelMetadata, RepositoryEntry, StreamFrame, StreamResult
 from tensorgate.client.frames import Preprocessing
 from tensorgate.v1 import models_pb2, models_pb2_grpc, predict_pb2_grpc, stream_pb2, stream_pb2_grpc
+
+if TYPE_CHECKING:  # imported on first use only (see `Client._oip`)
+    from tensorgate.oip.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 
 __all__ = ["Client"]
 
@@ -222,6 +226,62 @@ class Client:
         """
         with _common.rpc_errors():
             return self._health_check(service, timeout=self.timeout, metadata=self._metadata)
+
+    @functools.cached_property
+    def _oip(self) -> GRPCInferenceServiceStub:
+        # The Open Inference Protocol's stubs are imported on first use: they cannot share a process with
+        # tritonclient's (see _common.build_load_request), and only the repository methods need them.
+        from tensorgate.oip import grpc_service_pb2_grpc
+
+        return grpc_service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+
+    def load(self, model: str, *, timeout: float | None = None) -> list[RepositoryEntry]:
+        """Load the model directory `model` of the server's repository, or reload it when it is loaded already.
+
+        Returns once the model serves, with its entries of the repository index (one per version; a version that
+        failed to reload shows its reason, and its previous load keeps serving). The server's `auth_token` or
+        `admin_identities` guard this call: give the client a `token` or a client certificate.
+
+        Args:
+            model: the model's name, its directory in the server's repository.
+            timeout: this call's deadline in seconds, loading and warming up included; None uses the client's
+                default.
+
+        Raises:
+            NotFoundError: the repository has no such directory.
+            InvalidArgumentError: no version could be loaded, or the name is not a directory name; the message
+                gives the server's reason. A model that was serving keeps serving.
+            UnauthenticatedError: no credentials were sent. PermissionDeniedError: they are not allowed.
+        """
+        request = _common.build_load_request(model)
+        deadline = _common.resolve_timeout(timeout, self.timeout)
+        with _common.rpc_errors():
+            self._oip.RepositoryModelLoad(request, timeout=deadline, metadata=self._metadata)
+            index = self._oip.RepositoryIndex(
+                _common.build_repository_request(), timeout=deadline, metadata=self._metadata
+            )
+        return _common.parse_repository(index, model=model)
+
+    def unload(self, model: str, *, timeout: float | None = None) -> None:
+        """Stop serving `model`; returns once its queued requests have finished and its engines are freed.
+
+        New requests for it get UnavailableError at once. It stays listed (state "UNAVAILABLE", reason
+        "unloaded") until loaded again. Guarded like `load`; raises NotFoundError for a model the server does not
+        know, UnauthenticatedError / PermissionDeniedError for missing or refused credentials.
+        """
+        request = _common.build_unload_request(model)
+        with _common.rpc_errors():
+            self._oip.RepositoryModelUnload(
+                request, timeout=_common.resolve_timeout(timeout, self.timeout), metadata=self._metadata
+            )
+
+    def repository(self, *, ready: bool = False) -> list[RepositoryEntry]:
+        """The server's repository index: one entry per model version (and one per model without a loaded
+        version, e.g. unloaded), with its state and reason; with `ready`, only the versions that serve."""
+        request = _common.build_repository_request(ready=ready)
+        with _common.rpc_errors():
+            response = self._oip.RepositoryIndex(request, timeout=self.timeout, metadata=self._metadata)
+        return _common.parse_repository(response)
 
     def close(self) -> None:
         """Close the channel; calls in flight are cancelled."""

@@ -7,6 +7,9 @@
     tensorgate predict digits --input image=images.npy --save out/
     tensorgate predict add_sub --json - <<< '{"a": [[1, 2, 3, 4]], "b": [[4, 3, 2, 1]]}'
     tensorgate health
+    tensorgate load digits --token-file token              # load or reload from the server's repository
+    tensorgate unload digits --token-file token
+    tensorgate repository                                  # the repository index: versions, states, reasons
     tensorgate stream --model digits --source synthetic --fps 30 --duration 10
 
 Exit status: 0 on success; 1 when the server reports an error (printed as `error: CODE: details`) or, for
@@ -31,7 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 from tensorgate.client import stream_tool
-from tensorgate.client._common import ModelInfo, ModelMetadata
+from tensorgate.client._common import ModelInfo, ModelMetadata, RepositoryEntry
 from tensorgate.client._sync import Client
 from tensorgate.client.errors import TensorgateClientError
 from tensorgate.client.tensors import TensorFormatError, dtype_from_name, dtype_name
@@ -40,9 +43,11 @@ __all__ = [
     "DEFAULT_ADDRESS",
     "InputError",
     "build_parser",
+    "format_load",
     "format_metadata",
     "format_models",
     "format_outputs",
+    "format_repository",
     "json_inputs",
     "main",
     "npy_inputs",
@@ -51,6 +56,8 @@ __all__ = [
 
 DEFAULT_ADDRESS = "127.0.0.1:8001"
 DEFAULT_TIMEOUT = 30.0
+#: Loading a model includes reading, compiling and warming it up; a deadline cut short would abandon the load.
+DEFAULT_LOAD_TIMEOUT = 300.0
 _JSON_KEYS = frozenset({"dtype", "data", "shape"})
 
 
@@ -100,9 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--timeout",
         type=_positive_float,
-        default=DEFAULT_TIMEOUT,
         metavar="SECONDS",
-        help="deadline of each call (default: %(default)s)",
+        help=f"deadline of each call (default: {DEFAULT_TIMEOUT:g}; load and unload: {DEFAULT_LOAD_TIMEOUT:g})",
     )
     group.add_argument("--tls", action="store_true", help="use TLS (implied by the certificate options)")
     # Defaults from the environment, like --address; a flag given wins.
@@ -189,6 +195,26 @@ def build_parser() -> argparse.ArgumentParser:
     health = commands.add_parser("health", parents=[connection], help="gRPC health status; exit 0 only if SERVING")
     health.add_argument("service", nargs="?", default="", help="a service name (default: the whole server)")
     health.set_defaults(run=_run_health)
+
+    load = commands.add_parser(
+        "load",
+        parents=[connection],
+        help="load or reload a model from the server's repository (needs the server's token or an admin identity)",
+    )
+    load.add_argument("model", help="the model's name: its directory in the server's repository")
+    load.set_defaults(run=_run_load)
+
+    unload = commands.add_parser(
+        "unload", parents=[connection], help="stop serving a model (needs the server's token or an admin identity)"
+    )
+    unload.add_argument("model", help="the model's name")
+    unload.set_defaults(run=_run_unload)
+
+    repository = commands.add_parser(
+        "repository", parents=[connection], help="list the repository index: model versions, states, reasons"
+    )
+    repository.add_argument("--ready", action="store_true", help="only the versions that serve")
+    repository.set_defaults(run=_run_repository)
 
     stream_tool.add_parser(commands, connection, _client)
     return parser
@@ -332,6 +358,36 @@ def format_models(models: Sequence[ModelInfo]) -> str:
     return _table(rows)
 
 
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def format_repository(entries: Sequence[RepositoryEntry]) -> str:
+    """The `repository` table: one row per index entry ("-" for the version of a model without one)."""
+    rows = [("MODEL", "VERSION", "STATE", "REASON")]
+    for entry in entries:
+        version = "-" if entry.version is None else str(entry.version)
+        rows.append((entry.name, version, entry.state, _one_line(entry.reason)))
+    return _table(rows)
+
+
+def format_load(model: str, entries: Sequence[RepositoryEntry]) -> str:
+    """The `load` line, e.g. "loaded digits: version 1 ready", then any version that did not (re)load."""
+    ready = [str(entry.version) for entry in entries if entry.ready and entry.version is not None]
+    parts = []
+    if ready:
+        parts.append(f"{'versions' if len(ready) > 1 else 'version'} {', '.join(ready)} ready")
+    for entry in entries:
+        if entry.ready and not entry.reason:
+            continue
+        # A version that failed, or one still serving its previous load because its reload failed.
+        label = "model" if entry.version is None else f"version {entry.version}"
+        state = "" if entry.ready else f" {entry.state}"
+        reason = f" ({_one_line(entry.reason)})" if entry.reason else ""
+        parts.append(f"{label}{state}{reason}")
+    return f"loaded {model}" + (f": {'; '.join(parts)}" if parts else "")
+
+
 def format_metadata(meta: ModelMetadata) -> str:
     """The `metadata` text: the model's identity, then its inputs and outputs."""
     lines = [
@@ -378,7 +434,7 @@ def _client(args: argparse.Namespace) -> Client:
             root_certificates=args.tls_ca,
             private_key=args.tls_key,
             certificate_chain=args.tls_cert,
-            timeout=args.timeout,
+            timeout=DEFAULT_TIMEOUT if args.timeout is None else args.timeout,
             token=_token(args),
         )
     except (OSError, ValueError) as exc:  # an unreadable certificate file, an incomplete mutual TLS pair
@@ -421,6 +477,31 @@ def _run_health(args: argparse.Namespace) -> int:
         status = client.health(args.service)
     print(status)
     return 0 if status == "SERVING" else 1
+
+
+def _load_timeout(args: argparse.Namespace) -> float:
+    timeout: float = DEFAULT_LOAD_TIMEOUT if args.timeout is None else args.timeout
+    return timeout
+
+
+def _run_load(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        entries = client.load(args.model, timeout=_load_timeout(args))
+    print(format_load(args.model, entries))
+    return 0
+
+
+def _run_unload(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        client.unload(args.model, timeout=_load_timeout(args))
+    print(f"unloaded {args.model}")
+    return 0
+
+
+def _run_repository(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        print(format_repository(client.repository(ready=args.ready)))
+    return 0
 
 
 def _serve(argv: Sequence[str], module_name: str = "tensorgate.server.cli") -> int:

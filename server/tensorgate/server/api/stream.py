@@ -24,6 +24,7 @@ from tensorgate.server.errors import InvalidInputError, TensorgateError
 from tensorgate.server.inference import InferenceService
 from tensorgate.server.overload import Limits
 from tensorgate.server.repository import ModelVersion
+from tensorgate.server.repository.routing import RoutingHints, routing_hints
 from tensorgate.server.streams import (
     Color,
     DropPolicy,
@@ -96,7 +97,7 @@ class StreamServicer(stream_pb2_grpc.StreamServicer):
             config = first.config
             # Fail the whole stream at once for an unknown model rather than every frame.
             target = self._service.repository.resolve(config.model, config.version or None)
-            settings = _settings(config, deadline_from(context))
+            settings = _settings(config, deadline_from(context), routing_hints(context.invocation_metadata()))
             decoder = _Decoder(config, target, self._service.limits)
             stream = FrameStream(self._service, settings, self._request_ids.new)
             self.registry.attach(token, stream)
@@ -109,7 +110,7 @@ class StreamServicer(stream_pb2_grpc.StreamServicer):
             self.registry.close(token)
 
 
-def _settings(config: stream_pb2.StreamConfig, deadline: float | None) -> StreamSettings:
+def _settings(config: stream_pb2.StreamConfig, deadline: float | None, routing: RoutingHints | None) -> StreamSettings:
     policy = _POLICIES.get(config.drop_policy)
     if policy is None:
         raise InvalidInputError(f"unknown drop_policy {config.drop_policy}")
@@ -121,6 +122,7 @@ def _settings(config: stream_pb2.StreamConfig, deadline: float | None) -> Stream
         queue_size=config.queue_size,
         max_in_flight=config.max_in_flight,
         deadline=deadline,
+        routing=routing,
     )
 
 

@@ -38,6 +38,7 @@ import numpy.typing as npt
 from tensorgate.server.batching import RequestTimes
 from tensorgate.server.errors import InvalidInputError, ResourceExhaustedError, TensorgateError
 from tensorgate.server.inference import InferenceRequest, InferenceResult
+from tensorgate.server.repository.routing import RoutingHints
 from tensorgate.server.streams.policy import DropPolicy, FrameBuffer
 
 __all__ = [
@@ -95,6 +96,8 @@ class StreamSettings:
     max_in_flight: int = 1
     #: Absolute, on time.monotonic(); the whole stream's deadline, if the caller set one.
     deadline: float | None = None
+    #: The call's routing headers (version pin, routing key): every frame goes where they send it.
+    routing: RoutingHints | None = None
 
     @classmethod
     def create(
@@ -107,6 +110,7 @@ class StreamSettings:
         queue_size: int = 0,
         max_in_flight: int = 0,
         deadline: float | None = None,
+        routing: RoutingHints | None = None,
     ) -> StreamSettings:
         """Settings with defaults for the zeros: InvalidInputError for bounds past the limits."""
         if queue_size > MAX_QUEUE_SIZE:
@@ -121,6 +125,7 @@ class StreamSettings:
             queue_size=1 if policy is DropPolicy.LATEST else (queue_size or DEFAULT_QUEUE_SIZE),
             max_in_flight=max_in_flight or (1 if policy is DropPolicy.LATEST else 4),
             deadline=deadline,
+            routing=routing,
         )
 
 
@@ -284,6 +289,7 @@ class FrameStream:
                     request_id=self._request_ids(),
                     deadline=settings.deadline,
                     times=times,
+                    routing=settings.routing,
                 )
             )
             outcome.outputs, outcome.version = result.outputs, result.version

@@ -207,7 +207,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """One response per request, in request order; a failed request's response carries `error_message`."""
         pending: Pending = asyncio.Queue(self._max_in_flight)
-        reader = asyncio.create_task(self._read(aiter(request_iterator), deadline_from(context), pending))
+        routing = routing_hints(context.invocation_metadata())  # the call's headers hold for all its requests
+        reader = asyncio.create_task(self._read(aiter(request_iterator), deadline_from(context), routing, pending))
         try:
             while (task := await pending.get()) is not None:
                 yield await task
@@ -221,19 +222,25 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 await reader
 
     async def _read(
-        self, requests: AsyncIterator[pb.ModelInferRequest], deadline: float | None, pending: Pending
+        self,
+        requests: AsyncIterator[pb.ModelInferRequest],
+        deadline: float | None,
+        routing: RoutingHints | None,
+        pending: Pending,
     ) -> None:
         try:
             async for request in requests:
-                await pending.put(asyncio.create_task(self._stream_one(request, deadline)))
+                await pending.put(asyncio.create_task(self._stream_one(request, deadline, routing)))
         finally:
             await pending.put(None)
 
-    async def _stream_one(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelStreamInferResponse:
+    async def _stream_one(
+        self, request: pb.ModelInferRequest, deadline: float | None, routing: RoutingHints | None
+    ) -> pb.ModelStreamInferResponse:
         try:
             if self._service.limits.max_frame_bytes:
                 self._service.limits.check_frame(request.ByteSize(), "streamed request")
-            return pb.ModelStreamInferResponse(infer_response=await self._infer(request, deadline))
+            return pb.ModelStreamInferResponse(infer_response=await self._infer(request, deadline, routing))
         except TensorgateError as exc:
             message = str(exc)
         except Exception as exc:  # a bug, but one request's: the stream and its other requests go on
