@@ -325,7 +325,9 @@ def _check_resnet(logits: npt.NDArray[Any], images: npt.NDArray[np.float32], onn
 
 
 @pytest.mark.timeout(1200)  # building the plan takes minutes
-async def test_copies_overlap_compute(gpu: Gpu, resnet: Path, figures: Figures) -> None:
+async def test_pipelined_engine_is_right_at_depth_1_and_2_and_reports_the_overlap(
+    gpu: Gpu, resnet: Path, figures: Figures
+) -> None:
     stages = _stage_times(gpu, resnet)
     per_depth = {}
     for depth in (1, 2):
@@ -343,13 +345,12 @@ async def test_copies_overlap_compute(gpu: Gpu, resnet: Path, figures: Figures) 
     figures.add("depth 2 speed-up over depth 1", f"{per_depth[1] / per_depth[2]:.2f}x", "")
     bound = max(ms["h2d"], ms["compute"], ms["d2h"])
     figures.add("best possible with full overlap", f"{bound:.2f} ms/batch", "the slowest stage")
-    assert set(per_depth) == {1, 2}
-    assert all(value > 0 for value in (*stages.values(), *per_depth.values()))
-    assert figures.rows  # reported, and written to bench/results/gpu.md when the module ends
+    # The check is the numbers at both depths (above); the timings are figures, never asserted (bench/results/gpu.md).
+    assert figures.rows
 
 
 @pytest.mark.timeout(1200)
-async def test_served_throughput_against_in_process(gpu: Gpu, resnet: Path, figures: Figures) -> None:
+async def test_served_plan_matches_onnxruntime_and_reports_throughput(gpu: Gpu, resnet: Path, figures: Figures) -> None:
     stages = _stage_times(gpu, resnet)
     in_process = RESNET_BATCH / stages["serial"]
     repository = resnet.parent.parent.parent
@@ -374,5 +375,3 @@ async def test_served_throughput_against_in_process(gpu: Gpu, resnet: Path, figu
     figures.add("in-process, trtexec-style", f"{in_process:.0f} images/s", f"batch {RESNET_BATCH}, with copies")
     figures.add("served, batch-1 requests", f"{served:.0f} images/s", f"{concurrency} concurrent gRPC calls")
     figures.add("served / in-process", f"{served / in_process:.2f}", "")
-    assert served > 0
-    assert in_process > 0

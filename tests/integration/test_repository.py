@@ -51,6 +51,8 @@ def test_broken_models_are_listed_with_reasons_and_the_rest_serve(repo: Path) ->
     _with_config(repo, "bad_value", "max_batch_size: -4\n")
     shutil.copytree(repo / "add_sub", repo / "broken_file")
     (repo / "broken_file" / "1" / "model.onnx").write_bytes(b"this is not an onnx model")
+    shutil.copytree(repo / "add_sub", repo / "bad_parameter")
+    _with_config(repo, "bad_parameter", 'parameters { key: "intra_op_threads" value: { string_value: "x" } }\n')
     shutil.copytree(repo / "add_sub", repo / "wrong_dtype")
     _with_config(
         repo,
@@ -70,8 +72,11 @@ def test_broken_models_are_listed_with_reasons_and_the_rest_serve(repo: Path) ->
         (wrong,) = models["wrong_dtype"].versions
         assert wrong.state == FAILED
         assert "input 'a' is INT32 in the config but FP32 in the model" in wrong.reason
+        (bad_parameter,) = models["bad_parameter"].versions
+        assert bad_parameter.state == FAILED
+        assert "parameter 'intra_op_threads' must be a whole number, got 'x'" in bad_parameter.reason
 
-        for name in ("unknown_field", "bad_value", "broken_file", "wrong_dtype"):
+        for name in ("unknown_field", "bad_value", "broken_file", "bad_parameter", "wrong_dtype"):
             assert _health(channel, name) == health_pb2.HealthCheckResponse.NOT_SERVING
             with pytest.raises(grpc.RpcError) as caught:
                 _add(channel, name)

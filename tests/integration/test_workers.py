@@ -142,6 +142,14 @@ def test_a_worker_that_dies_stops_the_others_and_the_parent_exits_1(workers: Wor
         os.kill(workers.pids[1], 0)
 
 
+def test_a_worker_drained_on_its_own_is_a_failure_too(workers: Workers) -> None:
+    # SIGTERM to one worker (not through the parent): it drains and exits 0, but a set of N-1 must not go on.
+    os.kill(workers.pids[0], signal.SIGTERM)
+    assert workers.process.wait(timeout=60) == 1
+    with pytest.raises(ProcessLookupError):
+        os.kill(workers.pids[1], 0)
+
+
 def test_workers_that_cannot_start_exit_2_like_one_server(tmp_path: Path) -> None:
     missing = tmp_path / "missing"
     done = subprocess.run(

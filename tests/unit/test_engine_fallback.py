@@ -11,6 +11,7 @@ import pytest
 
 from tensorgate.engines import EngineError, EngineSettings
 from tensorgate.engines.fallback import load_engine
+from tests.support.gpu_simulator import GpuSimulator
 from tests.support.serving import EXAMPLE_MODELS
 
 DIGITS_ONNX = EXAMPLE_MODELS / "digits" / "1" / "model.onnx"
@@ -73,3 +74,30 @@ async def test_an_engine_without_a_fallback_fails_as_itself(tmp_path: Path) -> N
     directory = _version_dir(tmp_path, with_onnx=False)
     with pytest.raises(EngineError, match="no such model file"):
         await load_engine("onnxruntime_onnx", EngineSettings(model_file=directory / "model.onnx"))
+
+
+async def test_a_bad_parameter_fails_the_load_instead_of_falling_back(tmp_path: Path) -> None:
+    directory = _version_dir(tmp_path)
+    settings = EngineSettings(model_file=directory / "model.plan", parameters={"pipeline_depth": "two"})
+    with pytest.raises(EngineError, match="parameter 'pipeline_depth' must be an integer"):
+        await load_engine("tensorrt_plan", settings)
+
+
+async def test_a_plan_this_tensorrt_rejects_falls_back(tmp_path: Path, gpu_simulator: GpuSimulator) -> None:
+    # On the CPU simulator of TensorRT: the plan deserializes to None (another TensorRT version, say).
+    directory = _version_dir(tmp_path)
+    (directory / "model.plan").write_bytes(b"a plan from another TensorRT")
+    loaded = await load_engine("tensorrt_plan", EngineSettings(model_file=directory / "model.plan"))
+    try:
+        assert loaded.platform == "onnxruntime_onnx"
+        assert "cannot deserialize this plan" in loaded.fallback_reason
+    finally:
+        await loaded.engine.close()
+
+
+async def test_a_gpu_that_does_not_exist_fails_the_load(tmp_path: Path, gpu_simulator: GpuSimulator) -> None:
+    directory = _version_dir(tmp_path)
+    (directory / "model.plan").write_bytes(b"never read: the GPU check comes first")
+    settings = EngineSettings(model_file=directory / "model.plan", devices=(3,))
+    with pytest.raises(EngineError, match="GPU 3 is configured, but CUDA sees only 1"):
+        await load_engine("tensorrt_plan", settings)

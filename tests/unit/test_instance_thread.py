@@ -58,3 +58,24 @@ async def test_a_cancelled_caller_does_not_break_the_thread() -> None:
         assert await thread.run(lambda: "after") == "after"
     finally:
         thread.close(wait=True, timeout=5)
+
+
+def test_a_closed_event_loop_does_not_kill_the_thread() -> None:
+    # A caller's loop may be gone when its work finishes (a test's loop, a stopped server): the thread must
+    # live on for the next caller instead of dying of call_soon_threadsafe's RuntimeError.
+    thread = InstanceThread("survivor")
+    gate = threading.Event()
+
+    async def leave_work_behind() -> None:
+        thread.run(gate.wait)  # not awaited: the loop closes with the work still running
+
+    asyncio.run(leave_work_behind())
+    gate.set()
+
+    async def next_caller() -> int:
+        return await thread.run(lambda: 42)
+
+    try:
+        assert asyncio.run(next_caller()) == 42
+    finally:
+        thread.close(wait=True, timeout=10)

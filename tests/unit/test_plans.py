@@ -8,6 +8,7 @@ the cache's logic, not TensorRT itself (tests/gpu does that on a real GPU).
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -489,3 +490,13 @@ def test_shape_ranges_parse() -> None:
     assert parse_shape_range("a=b=1:2:3")[0] == "a=b"  # names may hold "="; the last one separates
     with pytest.raises(ValueError, match="at least 1"):
         parse_shape_range("x=0x4:1x4:2x4")
+
+
+def test_atomic_writes_give_the_file_the_umask_mode_not_mkstemp_0600(tmp_path: Path) -> None:
+    # A plan built by one user must be readable by the server's own user (uid 10001 in the images).
+    previous = os.umask(0o022)
+    try:
+        written = write_atomically(tmp_path / "model.plan", b"plan")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(written.stat().st_mode) == 0o644

@@ -1,10 +1,13 @@
 """The engine chain: each model is served by the engine its config asks for, or by its fallback when that engine
 cannot run here.
 
-TensorRT needs its library, a GPU and a plan that this TensorRT and this GPU accept. When any of those is missing,
-a `tensorrt_plan` model is served by ONNX Runtime from the `model.onnx` beside the plan, with the TensorRT and CUDA
-execution providers when this onnxruntime build has them, else on CPU. A model whose config sets the parameter
-`fallback: "none"` fails to load instead, for deployments where a silent slowdown is worse than an outage.
+TensorRT needs its library, a GPU and a plan that this TensorRT and this GPU accept (or can build). When any of
+those is missing (the engine raises EngineUnavailableError), a `tensorrt_plan` model is served by ONNX Runtime
+from the `model.onnx` beside the plan, with the TensorRT and CUDA execution providers when this onnxruntime build
+has them, else on CPU. A model whose config sets the parameter `fallback: "none"` fails to load instead, for
+deployments where a silent slowdown is worse than an outage. Other failures (a bad parameter, a GPU that does not
+exist, CUDA out of memory) are the config's or the machine's to fix: they fail the load instead of hiding behind
+a fallback.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 
-from tensorgate.engines.base import Engine, EngineError, EngineSettings
+from tensorgate.engines.base import Engine, EngineError, EngineSettings, EngineUnavailableError
 from tensorgate.engines.registry import create_engine, registration
 
 __all__ = ["FALLBACK_PARAMETER", "LoadedEngine", "load_engine"]
@@ -57,7 +60,7 @@ async def load_engine(platform: str, settings: EngineSettings) -> LoadedEngine:
     entry = registration(platform)
     try:
         return LoadedEngine(await _load(platform, settings), platform)
-    except EngineError as exc:
+    except EngineUnavailableError as exc:
         if entry.fallback is None:
             raise
         reason = str(exc)

@@ -10,7 +10,7 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tensorgate.engines.base import Engine, EngineError, EngineSettings
+from tensorgate.engines.base import Engine, EngineError, EngineSettings, EngineUnavailableError
 
 __all__ = [
     "EngineRegistration",
@@ -76,7 +76,7 @@ def create_engine(platform: str, settings: EngineSettings) -> Engine:
     try:
         factory: Callable[[EngineSettings], Engine] = getattr(importlib.import_module(module_name), class_name)
     except ImportError as exc:
-        raise EngineError(f"the engine for platform {platform!r} cannot be imported: {exc}") from exc
+        raise EngineUnavailableError(f"the engine for platform {platform!r} cannot be imported: {exc}") from exc
     return factory(settings)
 
 

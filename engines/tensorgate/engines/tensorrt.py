@@ -17,7 +17,10 @@ while slot 0 computes, and slot 0's D2H copy while slot 1 computes.
 
 Every cudart result and every TensorRT status is checked; a failure fails that batch with an EngineError naming
 the call, and the engine keeps serving. `tensorrt` and `cuda.bindings.runtime` are imported in `load()`, so the
-module imports anywhere, and a missing library or GPU is an EngineUnavailableError (the fallback chain's cue).
+module imports anywhere. A missing library or GPU, and a plan that is missing, unreadable, rejected by this
+TensorRT or GPU, or cannot be built, are EngineUnavailableError (the fallback chain's cue); a bad parameter, a
+GPU index that does not exist or a CUDA failure (out of memory) are plain EngineErrors: the model fails to load
+rather than quietly moving to ONNX Runtime.
 
 Parameters (config.pbtxt `parameters`): `pipeline_depth` (batches in flight per context, default 2),
 `cuda_graphs` ("true" captures one graph per slot and input shapes after a first normal run; default "false"),
@@ -35,12 +38,10 @@ import collections
 import contextlib
 import functools
 import logging
-import queue
-import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import ml_dtypes
 import numpy as np
@@ -64,7 +65,7 @@ from tensorgate.engines.cuda import (
     PinnedBuffer,
     Stream,
 )
-from tensorgate.engines.threads import InstanceThread
+from tensorgate.engines.threads import InstanceThread, reject, resolve, settle
 
 if TYPE_CHECKING:
     import tensorrt
@@ -81,63 +82,7 @@ _MAX_GRAPHS_PER_SLOT = 256
 _ONNX_FILENAME = "model.onnx"
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
-T = TypeVar("T")
 Shapes = tuple[tuple[int, ...], ...]
-
-
-def _resolve(future: asyncio.Future[Any], result: Any) -> None:
-    if not future.done():  # the awaiting caller may have been cancelled meanwhile
-        future.set_result(result)
-
-
-def _reject(future: asyncio.Future[Any], error: BaseException) -> None:
-    if not future.done():
-        future.set_exception(error)
-
-
-def _settle(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: Any) -> None:
-    with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
-        loop.call_soon_threadsafe(callback, *args)
-
-
-class _CompletionThread:
-    """A thread that runs jobs handed to it from other threads (the enqueue thread, the event loop), in order.
-
-    Jobs settle their own futures; this only keeps them off the event loop and in order.
-    """
-
-    def __init__(self, name: str) -> None:
-        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
-        self._thread.start()
-
-    def submit(self, job: Callable[[], None]) -> None:
-        """Queue `job` after those already queued."""
-        self._jobs.put(job)
-
-    def run(self, call: Callable[[], T]) -> asyncio.Future[T]:
-        """Queue `call` from the event loop; the future gets its result or exception."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-
-        def job() -> None:
-            try:
-                result = call()
-            except BaseException as exc:  # handed to the awaiting caller, whatever it is
-                _settle(loop, _reject, future, exc)
-            else:
-                _settle(loop, _resolve, future, result)
-
-        self._jobs.put(job)
-        return future
-
-    def stop(self) -> None:
-        """Exit after the jobs already queued."""
-        self._jobs.put(None)
-
-    def _serve(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            job()
 
 
 @dataclass(slots=True)
@@ -200,7 +145,7 @@ class _Context:
     index: int
     device: int
     enqueuer: InstanceThread
-    completer: _CompletionThread
+    completer: InstanceThread
     context: tensorrt.IExecutionContext | None = None
     streams: list[Stream] = field(default_factory=list)  # compute, h2d, d2h once created
     slots: list[_Slot] = field(default_factory=list)
@@ -370,9 +315,12 @@ class TensorRTEngine:
             trt.DataType.BOOL: np.dtype(np.bool_),
         }
         if path.is_file():
-            self._plan = await asyncio.to_thread(path.read_bytes)  # plans run to hundreds of MB
+            try:
+                self._plan = await asyncio.to_thread(path.read_bytes)  # plans run to hundreds of MB
+            except OSError as exc:
+                raise EngineUnavailableError(f"{path}: the plan cannot be read: {exc}") from exc
         elif not self._can_build():
-            raise EngineError(
+            raise EngineUnavailableError(
                 f"{path}: no such plan file (build one with `tensorgate build-engine`, or set the parameter "
                 f'plan_build: "on_load" with a {_ONNX_FILENAME} beside it)'
             )
@@ -380,7 +328,7 @@ class TensorRTEngine:
         stem = f"{path.parent.parent.name}-v{path.parent.name}"
         for index, device in enumerate(devices):
             ctx = _Context(
-                index, device, InstanceThread(f"trt-{stem}-{index}"), _CompletionThread(f"trt-{stem}-{index}-done")
+                index, device, InstanceThread(f"trt-{stem}-{index}"), InstanceThread(f"trt-{stem}-{index}-done")
             )
             self._contexts.append(ctx)
             try:
@@ -429,9 +377,14 @@ class TensorRTEngine:
         if engine is None and self._can_build():
             if self._plan is not None:
                 log.warning("TensorRT %s rejected %s; building a plan from %s", self._version, path, _ONNX_FILENAME)
-            engine = self._build(runtime, device)
+            try:
+                engine = self._build(runtime, device)
+            except EngineUnavailableError:
+                raise
+            except EngineError as exc:  # the ONNX model may still serve, on ONNX Runtime
+                raise EngineUnavailableError(f"no TensorRT plan could be built: {exc}") from exc
         if engine is None:
-            raise EngineError(
+            raise EngineUnavailableError(
                 f"{path}: TensorRT {self._version} cannot deserialize this plan on GPU {device} "
                 f"({self._gpus[device]}): deserialize_cuda_engine returned None{self._last_trt_error()}. Plans only "
                 "load on the TensorRT version and GPU model they were built with: rebuild it with "
@@ -596,7 +549,7 @@ class TensorRTEngine:
             output_shapes = self._queue_batch(ctx, slot, inputs, shapes, wanted)
         except BaseException as exc:
             self._drain(ctx)
-            _settle(loop, _reject, done, _engine_error(exc))
+            settle(loop, reject, done, _engine_error(exc))
             return
 
         def complete() -> None:
@@ -604,9 +557,9 @@ class TensorRTEngine:
                 result = self._collect(slot, output_shapes)
             except BaseException as exc:
                 self._drain(ctx)
-                _settle(loop, _reject, done, _engine_error(exc))
+                settle(loop, reject, done, _engine_error(exc))
             else:
-                _settle(loop, _resolve, done, result)
+                settle(loop, resolve, done, result)
 
         ctx.completer.submit(complete)
 
@@ -733,7 +686,7 @@ class TensorRTEngine:
             # (and the GPU's engine and runtime with the last context on it).
             release = last_on_device[ctx.device] == ctx.index
             await ctx.completer.run(functools.partial(self._free_context, ctx, release_engine=release))
-            ctx.completer.stop()
+            ctx.completer.close()
         # Whatever is left (nothing, unless a load failed half way): engines before the runtimes that made them.
         self._engines.clear()
         self._runtimes.clear()

@@ -273,8 +273,10 @@ class _Supervisor:
         if worker.channel is not None:
             worker.channel.close()
             worker.channel = None
-        # A worker stopped by our SIGTERM before its server installed handlers dies of the signal: a clean stop.
-        clean = worker.exitcode == 0 or (self.stopping and -worker.exitcode in (signal.SIGTERM, signal.SIGINT))
+        # Clean only when we are stopping: a worker that drains and exits 0 on its own (someone sent it SIGTERM)
+        # would otherwise leave a set of N-1 that still passes its probes. A worker stopped by our SIGTERM before
+        # its server installed handlers dies of the signal: also a clean stop.
+        clean = self.stopping and (worker.exitcode == 0 or -worker.exitcode in (signal.SIGTERM, signal.SIGINT))
         if clean:
             return
         log.error("worker %d (pid %s) exited with %s", worker.index, worker.process.pid, worker.exitcode)

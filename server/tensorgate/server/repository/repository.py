@@ -6,8 +6,8 @@
 One broken model never stops the others: it is listed as not ready, with the reason naming the file.
 Models can be loaded (or reloaded) and unloaded one at a time while serving: `load_model`, `unload_model`;
 `rescan` (on SIGHUP/SIGUSR2, or when files change with `watch`) makes the served models match the disk.
-A reload never fails a request: new versions take traffic only once loaded and warmed up, and the versions they
-replace drain before their engines are freed.
+A reload fails no request except one pinned to a version the reload removes: new versions take traffic only
+once loaded and warmed up, and the versions they replace drain before their engines are freed.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy.typing as npt
 
@@ -50,6 +50,8 @@ from tensorgate.server.statistics import VersionStatistics
 __all__ = ["BatchInstrumentation", "ModelEntry", "ModelVersion", "Repository", "RepositorySettings", "VersionState"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class VersionState(enum.Enum):
@@ -239,6 +241,9 @@ class Repository:
         self._watcher: asyncio.Task[None] | None = None
         self._watch_stop: asyncio.Event | None = None
         self._closed = False
+        # Loads, reloads and unloads in progress: each runs to its end even when the call that asked for it is
+        # cancelled (a client's deadline), so no engine is left half-loaded and unowned; close() waits for them.
+        self._changes: set[asyncio.Task[Any]] = set()
         #: Set once the file watcher is in place (`settings.watch`).
         self.watching = asyncio.Event()
 
@@ -276,28 +281,37 @@ class Repository:
         entry.versions = {version.version: version for version in loaded}
         return entry
 
-    async def _load_version(
-        self, entry: ModelEntry, config: ModelConfig, number: int, directory: Path, has_config_file: bool
-    ) -> ModelVersion:
-        version = ModelVersion(entry.name, number, entry.platform)
-        filename = config.default_model_filename or registration(entry.platform).default_filename
+    def _engine_settings(
+        self, platform: str, config: ModelConfig, directory: Path, has_config_file: bool
+    ) -> EngineSettings:
+        filename = config.default_model_filename or registration(platform).default_filename
         # As in Triton, a group that lists GPUs has `count` instances on each of them.
         devices = tuple(
             gpu for group in config.instance_group for gpu in (list(group.gpus) or [0]) for _ in range(group.count)
         )
         parameters = {key: value.string_value for key, value in config.parameters.items()}
-        engine_settings = EngineSettings(
+        threads = parameters.get("intra_op_threads", str(self.settings.intra_op_threads))
+        if not threads.isdigit():
+            raise ModelConfigError(f"parameter 'intra_op_threads' must be a whole number, got {threads!r}")
+        return EngineSettings(
             model_file=directory / filename,
             instance_count=len(devices) or 1,
-            intra_op_threads=int(parameters.get("intra_op_threads", self.settings.intra_op_threads)),
+            intra_op_threads=int(threads),
             parameters=parameters,
             devices=devices,
             plan_cache_dir=self.settings.plan_cache_dir,
             # Without a config file the model batches up to the server's default when it can (see reconcile).
             max_batch_size=config.max_batch_size if has_config_file else self.settings.default_max_batch_size,
         )
+
+    async def _load_version(
+        self, entry: ModelEntry, config: ModelConfig, number: int, directory: Path, has_config_file: bool
+    ) -> ModelVersion:
+        version = ModelVersion(entry.name, number, entry.platform)
         engine: Engine | None = None
+        batcher: Batcher | None = None
         try:
+            engine_settings = self._engine_settings(entry.platform, config, directory, has_config_file)
             loaded = await load_engine(entry.platform, engine_settings)
             engine = loaded.engine
             version.serving_platform, version.fallback_reason = loaded.platform, loaded.fallback_reason
@@ -321,11 +335,18 @@ class Repository:
                 observer=observer,
             )
             await batcher.start()
-        except (EngineError, ModelConfigError, ValueError) as exc:
+        except BaseException as exc:
+            # Whatever went wrong, this version's engine and batcher are freed: nothing else owns them yet.
+            if batcher is not None:
+                await batcher.stop(drain=False)
             if engine is not None:
                 await engine.close()
-            version.state, version.reason = VersionState.FAILED, str(exc)
-            log.error("model %s version %d failed to load: %s", entry.name, number, exc)
+            if not isinstance(exc, Exception):
+                raise  # cancelled: the caller goes on unwinding
+            # One model's failure, whatever its kind (a bug included), never stops the others from loading.
+            reason = str(exc) if isinstance(exc, EngineError | ModelConfigError | ValueError) else repr(exc)
+            version.state, version.reason = VersionState.FAILED, reason
+            log.error("model %s version %d failed to load: %s", entry.name, number, reason)
             return version
         version.config, version.signature, version.engine, version.batcher = (
             completed,
@@ -352,13 +373,23 @@ class Repository:
         model_dir = self.root / name
         if not model_dir.is_dir():
             raise ModelNotFoundError(f"no model directory {name!r} in the repository {self.root}")
-        async with self._changing:
-            seen = await asyncio.to_thread(fingerprint, model_dir)
-            fresh, entry, failures = await self._install(model_dir, seen)
+        fresh, entry, failures = await self._run_change(self._fingerprint_and_install(model_dir))
         await self._notify(name)
         if not fresh.ready:
             raise ModelConfigError(f"model {name!r} did not load: {failures or 'no version to load'}")
         return entry
+
+    async def _run_change(self, change: Coroutine[Any, Any, T]) -> T:
+        """Run a load, reload or unload to its end even if the caller is cancelled meanwhile."""
+        task = asyncio.ensure_future(change)
+        self._changes.add(task)
+        task.add_done_callback(self._changes.discard)
+        return await asyncio.shield(task)
+
+    async def _fingerprint_and_install(self, model_dir: Path) -> tuple[ModelEntry, ModelEntry, str]:
+        async with self._changing:
+            seen = await asyncio.to_thread(fingerprint, model_dir)
+            return await self._install(model_dir, seen)
 
     async def _install(self, model_dir: Path, seen: Fingerprint) -> tuple[ModelEntry, ModelEntry, str]:
         """Load `model_dir` (fingerprinted as `seen`) beside what serves, switch over, retire what it replaces.
@@ -386,12 +417,16 @@ class Repository:
 
         Raises ModelNotFoundError for an unknown model.
         """
+        self.model(name)  # NOT_FOUND before anything changes
+        await self._run_change(self._unload(name))
+        await self._notify(name)
+
+    async def _unload(self, name: str) -> None:
         async with self._changing:
             entry = self.model(name)
             entry.reason = "unloading"  # what requests that find no ready version meanwhile are told
             await _retire(list(entry.versions.values()), drain=True)
             self._models[name] = ModelEntry(name, entry.platform, reason="unloaded", fingerprint=entry.fingerprint)
-        await self._notify(name)
 
     # -- rescans -------------------------------------------------------------------------------------------
 
@@ -442,30 +477,43 @@ class Repository:
         changed = [*plan.load, *plan.reload]
         settled = await settle((self.root / name for name in changed), self.settings.settle_seconds, sleep=self._sleep)
         for name in plan.unload:
-            async with self._changing:
-                entry = self._models.pop(name, None)
-                if entry is not None:
-                    entry.reason = "removed from the repository"
-                    await _retire(list(entry.versions.values()), drain=True)
+            await self._run_change(self._remove(name))
             report.unloaded.append(name)
             log.info("model %s: its directory is gone; unloaded", name)
             await self._notify(name)
         for name in changed:
             model_dir = self.root / name
-            async with self._changing:
-                current = self._models.get(name)
-                seen = settled[model_dir]
-                if current is not None and current.fingerprint == seen:
-                    continue  # loaded meanwhile (an RPC), or changed back: nothing left to do
-                if not model_dir.is_dir():
-                    continue  # removed meanwhile: the next rescan unloads it
-                _, entry, failures = await self._install(model_dir, seen)
+            current = self._models.get(name)
+            outcome = await self._run_change(self._install_if_changed(model_dir, settled[model_dir]))
+            if outcome is None:
+                continue
+            failures = outcome[2]
             (report.reloaded if current is not None else report.loaded).append(name)
             if failures:
                 report.failed[name] = failures
             await self._notify(name)
         log.info("repository rescanned: %s", report)
         return report
+
+    async def _remove(self, name: str) -> None:
+        """A model whose directory is gone: drained (its callers hear UNAVAILABLE meanwhile), then delisted."""
+        async with self._changing:
+            entry = self._models.get(name)
+            if entry is not None:
+                entry.reason = "removed from the repository"
+                await _retire(list(entry.versions.values()), drain=True)
+                self._models.pop(name, None)
+
+    async def _install_if_changed(
+        self, model_dir: Path, seen: Fingerprint
+    ) -> tuple[ModelEntry, ModelEntry, str] | None:
+        async with self._changing:
+            current = self._models.get(model_dir.name)
+            if current is not None and current.fingerprint == seen:
+                return None  # loaded meanwhile (an RPC), or changed back: nothing left to do
+            if not await asyncio.to_thread(model_dir.is_dir):
+                return None  # removed meanwhile: the next rescan unloads it
+            return await self._install(model_dir, seen)
 
     def _start_watching(self) -> None:
         from tensorgate.server.repository.watch import watch_repository
@@ -546,6 +594,8 @@ class Repository:
                 task.cancel()
             if task is not None:
                 await asyncio.gather(task, return_exceptions=True)
+        # Changes already under way finish first (they own engines nobody else would free).
+        await asyncio.gather(*self._changes, return_exceptions=True)
         async with self._changing:
             await _retire([v for entry in self._models.values() for v in entry.versions.values()], drain=drain)
 
