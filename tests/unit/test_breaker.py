@@ -60,6 +60,18 @@ def test_consecutive_failures_open_it() -> None:
     assert recorder.changes == [OPEN]
 
 
+def test_the_requests_of_one_failed_batch_count_once() -> None:
+    breaker, _, _ = make(failures=3)
+    one_batch, other_batch = RuntimeError("batch 1"), RuntimeError("batch 2")
+    tickets = [breaker.admit() for _ in range(8)]  # eight requests that ran in the same batch
+    for ticket in tickets:
+        breaker.failed(ticket, batch=one_batch)
+    assert breaker.state is CLOSED
+    assert breaker.failures == 1
+    breaker.failed(breaker.admit(), batch=other_batch)
+    assert breaker.failures == 2
+
+
 def test_a_success_resets_the_count() -> None:
     breaker, _, _ = make(failures=3)
     fail(breaker, 2)

@@ -7,6 +7,7 @@ the cache's logic, not TensorRT itself (tests/gpu does that on a real GPU).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
 from collections.abc import Callable
@@ -206,6 +207,32 @@ def test_the_second_load_comes_from_the_cache(
     assert engine is not None
     assert builds == ["build"]
     del first, second, engine
+
+
+def test_builds_hold_a_lock_other_processes_see(
+    gpu_simulator: GpuSimulator, model: Path, cache: PlanCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `serve --workers N` runs N processes that would all build the same plan: the build runs under an flock on
+    # <key>.lock in the cache, which the other processes wait on (then find the plan cached).
+    events: list[str] = []
+    real_flock = fcntl.flock
+    builder_class = gpu_simulator.tensorrt.Builder
+    original: Callable[..., Any] = builder_class.build_serialized_network
+
+    def flock(handle: int, operation: int) -> None:
+        events.append(f"flock {Path(os.readlink(f'/proc/self/fd/{handle}')).suffix} {operation == fcntl.LOCK_EX}")
+        real_flock(handle, operation)
+
+    def build(self: Any, network: Any, config: Any) -> Any:
+        events.append("build")
+        return original(self, network, config)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    monkeypatch.setattr(builder_class, "build_serialized_network", build)
+    loaded = _load(gpu_simulator, model, cache)
+    assert events == ["flock .lock True", "build"]
+    assert (cache.root / f"{loaded.key}.lock").is_file()
+    del loaded
 
 
 def test_changing_the_settings_or_the_model_builds_again(

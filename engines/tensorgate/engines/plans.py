@@ -23,13 +23,16 @@ after changing only those, clear the cache (or change a setting).
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import tempfile
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType, ModuleType
@@ -441,9 +444,10 @@ def build_plan(trt: ModuleType, onnx_file: Path, settings: BuildSettings, *, tim
         raise EngineError(f"TensorRT failed building a plan from {onnx_file}: {exc}") from exc
 
 
-def _build_logger(trt: ModuleType) -> tuple[tensorrt.ILogger, list[str]]:
-    """A TensorRT logger that forwards to this module's log, and the list it keeps TensorRT's errors in."""
-    errors: list[str] = []
+def trt_logger(trt: ModuleType) -> tuple[tensorrt.ILogger, collections.deque[str]]:
+    """A logger for `trt` (the tensorrt module in use) that forwards TensorRT's messages to Python logging, and
+    the last few errors it logged, which our own error messages quote."""
+    errors: collections.deque[str] = collections.deque(maxlen=8)
     severity = trt.ILogger.Severity
 
     def forward(_logger: object, level: tensorrt.ILogger.Severity, msg: str) -> None:
@@ -457,12 +461,12 @@ def _build_logger(trt: ModuleType) -> tuple[tensorrt.ILogger, list[str]]:
 
     # A subclass of the given module's ILogger (made here, since the module is only known now); ILogger's own
     # __init__ sets up TensorRT's side.
-    logger: tensorrt.ILogger = type("BuildLogger", (trt.ILogger,), {"log": forward})()
+    logger: tensorrt.ILogger = type("TensorgateLogger", (trt.ILogger,), {"log": forward})()
     return logger, errors
 
 
 def _build(trt: ModuleType, onnx_file: Path, model: bytes, settings: BuildSettings, timing_cache: Path | None) -> bytes:
-    logger, errors = _build_logger(trt)
+    logger, errors = trt_logger(trt)
     builder: tensorrt.Builder = trt.Builder(logger)
     # Strongly typed: precisions come from the ONNX graph (TensorRT 11 has no precision flags; 10 has both).
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
@@ -491,7 +495,7 @@ def _build(trt: ModuleType, onnx_file: Path, model: bytes, settings: BuildSettin
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        reason = "; ".join(errors[-3:]) or "build_serialized_network returned None"
+        reason = "; ".join(list(errors)[-3:]) or "build_serialized_network returned None"
         raise EngineError(f"TensorRT could not build a plan from {onnx_file}: {reason}")
     plan = bytes(serialized)
     _save_timing_cache(config, timing_cache)
@@ -523,6 +527,25 @@ def _build_lock(cache: PlanCache, key: str) -> threading.Lock:
         return _build_locks.setdefault((cache.root, key), threading.Lock())
 
 
+@contextlib.contextmanager
+def _process_lock(cache: PlanCache, key: str) -> Iterator[None]:
+    """An exclusive lock on `<key>.lock` in the cache, so that the processes of `serve --workers N` (or several
+    servers sharing a cache) build a plan once: the others wait, then find it cached. Without a writable cache
+    there is nothing to share, and no lock."""
+    try:
+        cache.root.mkdir(parents=True, exist_ok=True)
+        handle = os.open(cache.root / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        log.debug("no cross-process lock for plan %s: %s", key, exc)
+        yield
+        return
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)  # closing releases the lock
+
+
 def load_or_build_plan(
     trt: ModuleType,
     runtime: tensorrt.Runtime,
@@ -546,7 +569,7 @@ def load_or_build_plan(
         timing_cache = cache.timing_cache_path(
             trt_version=trt_version, device_name=device_name, compute_capability=compute_capability
         )
-    with _build_lock(cache, key):
+    with _build_lock(cache, key), _process_lock(cache, key):
         plan = cache.get(key)
         if plan is not None:
             engine = runtime.deserialize_cuda_engine(plan)

@@ -47,6 +47,7 @@ import ml_dtypes
 import numpy as np
 import numpy.typing as npt
 
+from tensorgate.engines import plans
 from tensorgate.engines.base import (
     Arrays,
     EngineError,
@@ -182,27 +183,6 @@ def _nbytes(dtype: np.dtype[Any], shape: tuple[int, ...]) -> int:
     return int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
 
 
-def _trt_logger() -> tensorrt.ILogger:
-    """A TensorRT logger that forwards to Python logging and keeps the last errors for our messages."""
-    import tensorrt as trt
-
-    class _Logger(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.errors: collections.deque[str] = collections.deque(maxlen=4)
-
-        def log(self, severity: trt.ILogger.Severity, msg: str) -> None:
-            if severity <= trt.ILogger.Severity.ERROR:
-                self.errors.append(msg)
-                log.error("TensorRT: %s", msg)
-            elif severity == trt.ILogger.Severity.WARNING:
-                log.warning("TensorRT: %s", msg)
-            elif severity == trt.ILogger.Severity.INFO:
-                log.debug("TensorRT: %s", msg)
-
-    return _Logger()
-
-
 class TensorRTEngine:
     """Serves a TensorRT plan (`model.plan`) on CUDA streams; see the module docstring for the pipeline."""
 
@@ -234,6 +214,7 @@ class TensorRTEngine:
         self._runtime_class: type[tensorrt.Runtime] | None = None
         self._input_mode: tensorrt.TensorIOMode | None = None
         self._logger: tensorrt.ILogger | None = None
+        self._trt_errors: collections.deque[str] = collections.deque()
         self._runtimes: dict[int, tensorrt.Runtime] = {}
         self._engines: dict[int, tensorrt.ICudaEngine] = {}
         self._plan: bytes | None = None
@@ -324,7 +305,7 @@ class TensorRTEngine:
                 f"{path}: no such plan file (build one with `tensorgate build-engine`, or set the parameter "
                 f'plan_build: "on_load" with a {_ONNX_FILENAME} beside it)'
             )
-        self._logger = _trt_logger()
+        self._logger, self._trt_errors = plans.trt_logger(trt)
         stem = f"{path.parent.parent.name}-v{path.parent.name}"
         for index, device in enumerate(devices):
             ctx = _Context(
@@ -358,8 +339,7 @@ class TensorRTEngine:
     # Loading, on each context's enqueue thread -------------------------------------------------------------------
 
     def _last_trt_error(self) -> str:
-        errors = getattr(self._logger, "errors", None)
-        return f" (TensorRT: {errors[-1]})" if errors else ""
+        return f" (TensorRT: {self._trt_errors[-1]})" if self._trt_errors else ""
 
     def _engine_for(self, device: int) -> tensorrt.ICudaEngine:
         """The engine deserialized on `device` (the current device of the calling thread), made once per GPU."""
@@ -397,8 +377,6 @@ class TensorRTEngine:
         return engine
 
     def _build(self, runtime: tensorrt.Runtime, device: int) -> tensorrt.ICudaEngine:
-        from tensorgate.engines import plans
-
         assert self._cuda is not None
         assert self._trt is not None
         settings = plans.build_settings_from_parameters(self._settings.parameters, self._settings.max_batch_size)

@@ -13,6 +13,7 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 from grpc_reflection.v1alpha import reflection
 
 from tensorgate.oip import grpc_service_pb2, grpc_service_pb2_grpc
+from tensorgate.server.addresses import split_address
 from tensorgate.server.api.codec import RequestIds
 from tensorgate.server.api.interceptors import ErrorInterceptor
 from tensorgate.server.api.models import ModelsServicer
@@ -45,13 +46,6 @@ SERVICE_NAMES = (
     models_pb2.DESCRIPTOR.services_by_name["Models"].full_name,
     grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
 )
-
-
-def _split_address(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f"address {address!r} is not HOST:PORT")
-    return host, int(port)
 
 
 class Server:
@@ -93,7 +87,7 @@ class Server:
 
     async def start(self) -> str:
         """Load the repository, bind, start serving; return the bound HOST:PORT (the real port for port 0)."""
-        host, _ = _split_address(self.settings.address)
+        host, _ = split_address(self.settings.address)
         await self.repository.load()
         limit = self.settings.max_message_bytes
         server = grpc.aio.server(

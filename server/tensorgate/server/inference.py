@@ -124,7 +124,7 @@ class InferenceService:
             statistics.request_failed(time.perf_counter_ns() - started)
             if breaker is not None and ticket is not None:
                 if isinstance(exc, EngineFailedError):
-                    breaker.failed(ticket)
+                    breaker.failed(ticket, batch=exc.__cause__)  # one failure per failed batch
                 else:
                     breaker.release(ticket)
             raise

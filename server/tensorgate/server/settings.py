@@ -143,7 +143,8 @@ class ServerSettings:
     )
     breaker_failures: int = _setting(
         5,
-        "Consecutive requests failed by the engine (INTERNAL) that take a model version out of rotation: its calls "
+        "Consecutive batches failed by the engine (INTERNAL; a batch counts once, however many requests it held) that "
+        "take a model version out of rotation: its calls "
         "get UNAVAILABLE and its health NOT_SERVING until a trial request succeeds. 0 turns the breaker off.",
     )
     breaker_cooldown: float = _setting(

@@ -46,6 +46,7 @@ from multiprocessing.process import BaseProcess
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from tensorgate.server.addresses import split_address
 from tensorgate.server.settings import ServerSettings
 
 if TYPE_CHECKING:
@@ -84,13 +85,11 @@ def reserve_address(address: str) -> tuple[socket.socket, str]:
     While it is open the port is ours: workers bind it too (SO_REUSEPORT), anything else gets "address in use".
     ValueError for a malformed address, OSError when it cannot be bound.
     """
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f"address {address!r} is not HOST:PORT")
+    host, port = split_address(address)
     if not hasattr(socket, "SO_REUSEPORT"):
         raise OSError("--workers needs SO_REUSEPORT, which this platform lacks")
     family, _, _, _, sockaddr = socket.getaddrinfo(
-        host.strip("[]"), int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
     reservation = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -396,9 +395,7 @@ class _MetricsEndpoint:
         """Serve on HOST:PORT (port 0: a free one); None when `address` is empty or prometheus_client is missing."""
         if not address:
             return None
-        host, sep, port = address.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise ValueError(f"metrics address {address!r} is not HOST:PORT")
+        host, port = split_address(address, "metrics address")
         try:
             from prometheus_client import CollectorRegistry, start_http_server
         except ImportError as exc:
@@ -409,7 +406,7 @@ class _MetricsEndpoint:
         registry = CollectorRegistry(auto_describe=False)
         collector: Any = _WorkerCollector(workers)  # prometheus_client only calls collect()
         registry.register(collector)
-        server, thread = start_http_server(int(port), addr=host.strip("[]"), registry=registry)
+        server, thread = start_http_server(port, addr=host.strip("[]"), registry=registry)
         return cls(server, thread, f"{host}:{server.server_port}")
 
     def close(self) -> None:

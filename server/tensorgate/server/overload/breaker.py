@@ -2,15 +2,17 @@
 
 States and moves (`BreakerState`):
 
-- CLOSED: requests flow. Each request the engine fails (EngineFailedError, INTERNAL) counts; a success resets the
-  count. `failures` consecutive ones open the breaker.
+- CLOSED: requests flow. Each batch the engine fails (EngineFailedError, INTERNAL) counts once; a success resets
+  the count. `failures` consecutive failed batches open the breaker.
 - OPEN: every request is refused at once with UNAVAILABLE and a retry hint (the cool-down left), so clients back
   off instead of queueing behind a broken engine. After `cooldown` seconds it turns HALF_OPEN.
 - HALF_OPEN: one trial request is let through; others are refused (UNAVAILABLE, a short hint) while it runs. The
   trial's success closes the breaker, an engine failure re-opens it for another cool-down; a trial that ends
   otherwise (deadline, cancelled, queue full) decides nothing, and the next request becomes the trial.
 
-Failures are counted per request, like a proxy's "consecutive 5xx" (a failed batch of 8 counts 8). Outcomes of
+Failures are counted per failed batch, not per request: one bad batch of 8 requests is one failure, so a single
+transient fault on a busy model does not take it out of rotation (the requests of a batch share the engine's
+exception, which is how they are told apart from the next batch's). Outcomes of
 requests admitted before the last change of state are ignored, so a slow request from before cannot close or
 re-open the breaker. Each change is logged and handed to a listener (the server publishes the model's health
 and a gauge). With a `timer`, a breaker turns HALF_OPEN when its cool-down ends even without traffic, so a health
@@ -96,6 +98,8 @@ class CircuitBreaker:
         self._generation = 0
         self._reopen_at = 0.0
         self._trial_running = False
+        # The batch (its engine exception) last counted, so that its other requests do not count again.
+        self._last_failed_batch: object = None
 
     def __repr__(self) -> str:
         return f"CircuitBreaker({self.model!r}, {self.version}, {self._state.name}, failures={self._failures})"
@@ -157,11 +161,15 @@ class CircuitBreaker:
             self._failures = 0
             self._change(BreakerState.CLOSED)
 
-    def failed(self, ticket: Ticket) -> None:
-        """The engine failed the admitted request (EngineFailedError)."""
+    def failed(self, ticket: Ticket, batch: object = None) -> None:
+        """The engine failed the admitted request (EngineFailedError). `batch` identifies the failed batch (the
+        engine's exception, shared by its requests): the requests of one batch count as one failure."""
         generation, trial = ticket
         if generation != self._generation:
             return
+        if batch is not None and batch is self._last_failed_batch:
+            return
+        self._last_failed_batch = batch
         if self._state is BreakerState.CLOSED:
             self._failures += 1
             if self._failures >= self.threshold:

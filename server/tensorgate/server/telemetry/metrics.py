@@ -43,6 +43,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from tensorgate.server.addresses import split_address
 from tensorgate.server.repository import Repository
 
 __all__ = [
@@ -244,10 +245,8 @@ class Metrics:
 
     def serve(self, address: str) -> str:
         """Serve /metrics on HOST:PORT (port 0: a free one) on a thread; return the bound HOST:PORT."""
-        host, sep, port = address.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise ValueError(f"metrics address {address!r} is not HOST:PORT")
-        server, thread = start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
+        host, port = split_address(address, "metrics address")
+        server, thread = start_http_server(port, addr=host.strip("[]"), registry=self.registry)
         self._http, self._http_thread = server, thread
         self.address = f"{host}:{server.server_port}"
         return self.address
