@@ -103,6 +103,9 @@ def test_client_key_prefers_the_metadata_entry_then_the_peer_host() -> None:
     assert client_key(None, lambda: "ipv6:[::1]:4000", "x-client-id") == "peer:ipv6:[::1]"
     assert client_key((), lambda: "unix:/tmp/socket", "x-client-id") == "peer:unix:/tmp/socket"
     assert len(client_key((("x-client-id", "y" * 10_000),), peer, "x-client-id")) < 300
+    # A verified client certificate outranks the id the client chooses: changing the id does not escape the limit.
+    certificate = frozenset({"camera-7", "camera-7.example"})
+    assert client_key((("x-client-id", "any"),), peer, "x-client-id", certificate) == "cert:camera-7"
 
 
 class _Tensor:

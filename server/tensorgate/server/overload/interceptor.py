@@ -20,6 +20,7 @@ from typing import Any, cast
 import grpc
 
 from tensorgate.server.overload.rate_limit import RateLimiter
+from tensorgate.server.security.auth import certificate_identities
 
 __all__ = ["INFERENCE_METHODS", "RateLimitInterceptor", "client_key"]
 
@@ -38,8 +39,12 @@ INFERENCE_METHODS = frozenset(
 _MAX_KEY_CHARS = 256
 
 
-def client_key(metadata: Any, peer: Callable[[], str], key: str) -> str:
-    """The client a call counts against: "id:<value of the `key` entry>", else "peer:<address without port>"."""
+def client_key(metadata: Any, peer: Callable[[], str], key: str, certificate: frozenset[str] = frozenset()) -> str:
+    """The client a call counts against: "cert:<name>" for a verified client certificate (mTLS: an identity the
+    client cannot choose), else "id:<value of the `key` entry>" (a label the client chooses), else
+    "peer:<address without port>"."""
+    if certificate:
+        return "cert:" + min(certificate)[:_MAX_KEY_CHARS]
     for name, value in metadata or ():
         if name == key:
             text = value if isinstance(value, str) else bytes(value).hex()
@@ -79,7 +84,8 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         return wrapped
 
     def _check(self, context: Context) -> None:
-        self.limiter.check(client_key(context.invocation_metadata(), context.peer, self.key))
+        certificate = certificate_identities(context.auth_context())
+        self.limiter.check(client_key(context.invocation_metadata(), context.peer, self.key, certificate))
 
     def _wrap(self, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
         deserialize, serialize = handler.request_deserializer, handler.response_serializer
