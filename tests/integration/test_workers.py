@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from tensorgate.client import Client
+from tensorgate.server import workers as workers_module
 from tensorgate.server.workers import merge_worker_metrics
 from tests.support.serving import EXAMPLE_MODELS
 from tests.support.telemetry import Samples, scrape
@@ -206,3 +207,27 @@ tensorgate_model_ready{model="a"} 1.0
     assert merged[("tensorgate_batch_size_sum", (("model", "a"),))] == 7.0
     assert merged[("tensorgate_queue_depth", (("model", "a"),))] == 4.0
     assert merged[("tensorgate_model_ready", (("model", "a"),))] == 0.0
+
+
+def test_a_worker_that_cannot_be_read_counts_with_what_it_last_said(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Dropping it from the sum would make the merged counters go backwards, which Prometheus reads as a reset.
+    said = ['# TYPE tensorgate_requests_total counter\ntensorgate_requests_total{model="a",code="OK"} 7.0\n']
+
+    def scrape_worker(address: str) -> str:
+        if not said:
+            raise OSError("connection refused")
+        return said.pop()
+
+    monkeypatch.setattr(workers_module, "_scrape", scrape_worker)
+    collector = workers_module._WorkerCollector(lambda: [workers_module.WorkerReady(0, 4242, "a:1", "m:2")])
+
+    def read() -> dict[str, float]:
+        return {
+            sample.name: sample.value
+            for family in collector.collect()
+            for sample in family.samples
+            if sample.name in ("tensorgate_requests_total", "tensorgate_worker_up")
+        }
+
+    assert read() == {"tensorgate_requests_total": 7.0, "tensorgate_worker_up": 1.0}
+    assert read() == {"tensorgate_requests_total": 7.0, "tensorgate_worker_up": 0.0}

@@ -351,6 +351,10 @@ class _WorkerCollector:
 
     def __init__(self, workers: Callable[[], list[WorkerReady]]) -> None:
         self._workers = workers
+        # The last metrics read from each worker (by pid): a worker that cannot be read for one scrape still
+        # counts with what it last said, so the merged counters never go backwards (Prometheus would take that
+        # for a reset).
+        self._last: dict[int, str] = {}
 
     def collect(self) -> Iterator[Metric]:
         from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
@@ -369,13 +373,17 @@ class _WorkerCollector:
         for worker in self._workers():
             labels = [str(worker.index), str(worker.pid)]
             try:
-                text = _scrape(worker.metrics_address)
+                text = self._last[worker.pid] = _scrape(worker.metrics_address)
             except OSError as exc:  # a worker draining or gone: the others still report
                 log.warning("cannot read the metrics of worker %d (pid %d): %s", worker.index, worker.pid, exc)
                 up.add_metric(labels, 0.0)
-                continue
+                last = self._last.get(worker.pid)
+                if last is None:
+                    continue
+                text = last
+            else:
+                up.add_metric(labels, 1.0)
             texts.append(text)
-            up.add_metric(labels, 1.0)
             served.add_metric(labels, _requests_total(text))
         yield from merge_worker_metrics(texts)
         yield up
