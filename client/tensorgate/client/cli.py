@@ -51,6 +51,7 @@ __all__ = [
     "json_inputs",
     "main",
     "npy_inputs",
+    "positive_int",
     "save_outputs",
 ]
 
@@ -75,7 +76,8 @@ def _input_spec(value: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
-def _positive_int(value: str) -> int:
+def positive_int(value: str) -> int:
+    """An argparse `type` for counts: a whole number of at least 1, else a usage error naming the value."""
     try:
         number = int(value)
     except ValueError:
@@ -177,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="an input from a .npy file (repeat for each input)",
     )
     source.add_argument("--json", dest="json_file", metavar="FILE", help="the inputs as JSON; - reads stdin")
-    predict.add_argument("--version", type=_positive_int, help="model version (default: the server's)")
+    predict.add_argument("--version", type=positive_int, help="model version (default: the server's)")
     predict.add_argument(
         "--output", "-o", dest="outputs", action="append", metavar="NAME", help="return only this output"
     )
@@ -189,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     metadata = commands.add_parser("metadata", parents=[connection], help="show a model's inputs and outputs")
     metadata.add_argument("model", help="the model's name")
-    metadata.add_argument("--version", type=_positive_int, help="model version (default: the server's)")
+    metadata.add_argument("--version", type=positive_int, help="model version (default: the server's)")
     metadata.set_defaults(run=_run_metadata)
 
     health = commands.add_parser("health", parents=[connection], help="gRPC health status; exit 0 only if SERVING")

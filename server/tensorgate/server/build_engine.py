@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
+from tensorgate.client.cli import positive_int
 from tensorgate.engines.base import EngineError
 from tensorgate.engines.plans import (
     PLAN_CACHE_ENV,
@@ -43,16 +44,6 @@ _DEFAULT_OPT_BATCH = BuildSettings().opt_batch
 
 class _CannotRunError(Exception):
     """This machine cannot build plans, or the command line is wrong: exit status 2."""
-
-
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return number
 
 
 def _device_index(value: str) -> int:
@@ -87,15 +78,15 @@ def _parser() -> argparse.ArgumentParser:
         "--output", "-o", type=Path, metavar="PATH", help="where to write the plan (default: MODEL.plan beside it)"
     )
     batch = parser.add_argument_group("optimization profile (the first dimension of each input is the batch)")
-    batch.add_argument("--min-batch", type=_positive_int, default=defaults.min_batch, metavar="N")
+    batch.add_argument("--min-batch", type=positive_int, default=defaults.min_batch, metavar="N")
     batch.add_argument(
         "--opt-batch",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help=f"the size tuned for (default: {defaults.opt_batch}, or --max-batch if smaller)",
     )
     batch.add_argument(
-        "--max-batch", type=_positive_int, default=defaults.max_batch, metavar="N", help="the model's max_batch_size"
+        "--max-batch", type=positive_int, default=defaults.max_batch, metavar="N", help="the model's max_batch_size"
     )
     batch.add_argument(
         "--shape",
@@ -110,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     builder = parser.add_argument_group("builder")
     builder.add_argument(
         "--workspace",
-        type=_positive_int,
+        type=positive_int,
         default=defaults.workspace_bytes // _MIB,
         metavar="MIB",
         help="workspace memory limit in MiB (default: %(default)s)",

@@ -14,12 +14,13 @@ returns the same wrapped handler for every call of a method (the error intercept
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, cast
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
 
 from tensorgate.server.overload.rate_limit import RateLimiter
+from tensorgate.server.prechecks import with_precheck
 from tensorgate.server.security.auth import certificate_identities
 
 __all__ = ["INFERENCE_METHODS", "RateLimitInterceptor", "client_key"]
@@ -88,27 +89,4 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         self.limiter.check(client_key(context.invocation_metadata(), context.peer, self.key, certificate))
 
     def _wrap(self, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
-        deserialize, serialize = handler.request_deserializer, handler.response_serializer
-        # As in the error interceptor: on a grpc.aio server the behaviours are coroutines and async generators.
-        if handler.unary_unary is not None:
-            unary = cast(Callable[[Any, Context], Awaitable[Any]], handler.unary_unary)
-
-            async def limited_unary(request: Any, context: Context) -> Any:
-                self._check(context)
-                return await unary(request, context)
-
-            return grpc.unary_unary_rpc_method_handler(
-                limited_unary, request_deserializer=deserialize, response_serializer=serialize
-            )
-        if handler.stream_stream is not None:
-            stream = cast(Callable[[Any, Context], AsyncIterator[Any]], handler.stream_stream)
-
-            async def limited_stream(requests: Any, context: Context) -> AsyncIterator[Any]:
-                self._check(context)
-                async for response in stream(requests, context):
-                    yield response
-
-            return grpc.stream_stream_rpc_method_handler(
-                cast(Any, limited_stream), request_deserializer=deserialize, response_serializer=serialize
-            )
-        return handler
+        return with_precheck(handler, self._check)

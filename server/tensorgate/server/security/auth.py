@@ -25,14 +25,15 @@ from __future__ import annotations
 import enum
 import hmac
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import grpc
 
 from tensorgate.server.errors import PermissionDeniedError, UnauthenticatedError
+from tensorgate.server.prechecks import with_precheck
 
 __all__ = [
     "Access",
@@ -311,39 +312,4 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         def check(context: Context) -> None:
             policy.check(method, _metadata(context), context.auth_context())
 
-        deserialize, serialize = handler.request_deserializer, handler.response_serializer
-        # grpc-stubs types behaviours as sync callables; on a grpc.aio server they are coroutines and async
-        # generators.
-        if handler.unary_unary is not None:
-            unary = cast(Callable[[Any, Context], Awaitable[Any]], handler.unary_unary)
-
-            async def guarded_unary(request: Any, context: Context) -> Any:
-                check(context)
-                return await unary(request, context)
-
-            return grpc.unary_unary_rpc_method_handler(
-                guarded_unary, request_deserializer=deserialize, response_serializer=serialize
-            )
-        if handler.stream_unary is not None:  # none of our services has one; guarded all the same
-            collect = cast(Callable[[Any, Context], Awaitable[Any]], handler.stream_unary)
-
-            async def guarded_collect(requests: Any, context: Context) -> Any:
-                check(context)
-                return await collect(requests, context)
-
-            return grpc.stream_unary_rpc_method_handler(
-                guarded_collect, request_deserializer=deserialize, response_serializer=serialize
-            )
-        stream = cast(Callable[[Any, Context], AsyncIterator[Any]], handler.stream_stream or handler.unary_stream)
-
-        async def guarded_stream(requests: Any, context: Context) -> AsyncIterator[Any]:
-            check(context)
-            async for response in stream(requests, context):
-                yield response
-
-        make = (
-            grpc.stream_stream_rpc_method_handler
-            if handler.stream_stream is not None
-            else grpc.unary_stream_rpc_method_handler
-        )
-        return make(guarded_stream, request_deserializer=deserialize, response_serializer=serialize)
+        return with_precheck(handler, check)
