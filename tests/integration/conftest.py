@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
+from tests.support.chaos_engines import ChaosEngine, reset_chaos
 from tests.support.serving import EXAMPLE_MODELS, ServerThread, running_server
 
 
@@ -22,3 +23,14 @@ def channel(served: ServerThread) -> Iterator[grpc.Channel]:
     """A plain sync channel to the session's server."""
     with grpc.insecure_channel(served.address) as chan:
         yield chan
+
+
+@pytest.fixture
+def chaos() -> Iterator[type[ChaosEngine]]:
+    """The chaos engines' shared state (tests/support/chaos_engines.py), reset; hung batches are released when the
+    test ends."""
+    reset_chaos()
+    try:
+        yield ChaosEngine
+    finally:
+        ChaosEngine.release.set()

@@ -94,16 +94,6 @@ def oip(server: ServerThread) -> Iterator[pb_grpc.GRPCInferenceServiceStub]:
         yield pb_grpc.GRPCInferenceServiceStub(channel)
 
 
-@pytest.fixture
-def chaos() -> Iterator[type[ChaosEngine]]:
-    """The chaos engines' shared state, reset; hung batches are released when the test ends."""
-    reset_chaos()
-    try:
-        yield ChaosEngine
-    finally:
-        ChaosEngine.release.set()
-
-
 def _oip_request(model: str, x: npt.NDArray[np.float32], request_id: str = "") -> pb.ModelInferRequest:
     request = pb.ModelInferRequest(model_name=model, id=request_id)
     request.inputs.add(name="x", datatype="FP32", shape=x.shape)

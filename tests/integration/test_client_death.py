@@ -113,15 +113,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
         ChaosEngine.release.set()
 
 
-@pytest.fixture
-def chaos() -> Iterator[type[ChaosEngine]]:
-    reset_chaos()
-    try:
-        yield ChaosEngine
-    finally:
-        ChaosEngine.release.set()
-
-
 def _state(server: ServerThread) -> State:
     async def read() -> State:
         batcher = server.server.repository.resolve(MODEL).batcher

@@ -66,27 +66,18 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         self.limiter = limiter
         self.key = key.lower()  # gRPC metadata names arrive lower-case
         self._methods = methods
-        self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any]:
-        method: str = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None:
-            return cached
+        # Called once per method: the error interceptor outside caches what this returns.
         handler = await continuation(handler_call_details)
-        if handler is None or method not in self._methods:
+        if handler is None or handler_call_details.method not in self._methods:
             return handler
-        wrapped = self._wrap(handler)
-        self._wrapped[method] = wrapped
-        return wrapped
+        return with_precheck(handler, self._check)
 
     def _check(self, context: Context) -> None:
         certificate = certificate_identities(context.auth_context())
         self.limiter.check(client_key(context.invocation_metadata(), context.peer, self.key, certificate))
-
-    def _wrap(self, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
-        return with_precheck(handler, self._check)

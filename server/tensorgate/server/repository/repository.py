@@ -568,19 +568,26 @@ class Repository:
                     + (f": {found.reason}" if found.reason else "")
                 )
             return found
-        ready = {number: v.ready for number, v in entry.versions.items()}
-        if in_rotation is not None and any(ready.values()):
-            rotating = {number: is_ready and in_rotation(entry.versions[number]) for number, is_ready in ready.items()}
-            if any(rotating.values()):
-                ready = rotating
         if router.weights:
+            ready = {number: v.ready for number, v in entry.versions.items()}
+            if in_rotation is not None:
+                rotating = {n: is_ready and in_rotation(entry.versions[n]) for n, is_ready in ready.items()}
+                if any(rotating.values()):
+                    ready = rotating
             chosen = router.choose(ready, hints)
             if chosen is not None:
                 return entry.versions[chosen]
         else:
-            for number in sorted(ready, reverse=True):
-                if ready[number]:
-                    return entry.versions[number]
+            # The common case, on every request: the highest ready version in rotation, else the highest ready.
+            out_of_rotation: ModelVersion | None = None
+            for number in sorted(entry.versions, reverse=True):
+                candidate = entry.versions[number]
+                if candidate.ready:
+                    if in_rotation is None or in_rotation(candidate):
+                        return candidate
+                    out_of_rotation = out_of_rotation or candidate
+            if out_of_rotation is not None:
+                return out_of_rotation
         reason = entry.reason or "; ".join(v.reason for v in entry.versions.values() if v.reason) or "loading"
         raise UnavailableError(f"model {name!r} has no ready version: {reason}")
 
